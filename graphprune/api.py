@@ -1,0 +1,151 @@
+"""The whole library in two calls: `analyze` (groups and why) and `prune` (model + report).
+
+The CLI, the service worker and the benchmarks call these and nothing deeper.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto
+
+from graphprune import model as model_io
+from graphprune.config import PruneConfig
+from graphprune.cost import CostModel
+from graphprune.depgraph import DependencyGraph
+from graphprune.groups import Grouping, build_groups
+from graphprune.importance import criterion, group_scores
+from graphprune.inputs import InputSpec, make_feeds, signature
+from graphprune.report import Report
+from graphprune.select import PrunePlan, Selector
+from graphprune.shapes import resolve_shapes
+from graphprune.surgery import apply_plan, masked_reference
+from graphprune.validate import tensor_dtypes, validate
+
+Source = str | os.PathLike[str] | bytes | ModelProto
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class Analysis:
+    model: ModelProto  # normalized
+    graph: DependencyGraph
+    grouping: Grouping
+    specs: list[InputSpec]
+    cost: CostModel
+
+    def summary(self, members: bool = False) -> dict[str, Any]:
+        groups = self.grouping.groups
+        prunable = self.grouping.prunable
+        return {
+            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in self.specs],
+            "params": self.cost.params(),
+            "flops": self.cost.macs(),
+            "groups": {
+                "total": len(groups),
+                "prunable": len(prunable),
+                "prunable_channels": sum(g.channels for g in prunable),
+                "blocked_reasons": _reason_counts(groups),
+                "list": [g.to_dict(members) for g in groups],
+            },
+        }
+
+
+def _reason_counts(groups: list[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for g in groups:
+        if not g.prunable:
+            for r in {r.kind.value for r in g.reasons} or {"single_unit"}:
+                counts[r] = counts.get(r, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _config(config: PruneConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> PruneConfig:
+    base = asdict(config) if isinstance(config, PruneConfig) else dict(config or {})
+    base.update(overrides)
+    return PruneConfig.from_dict(base)
+
+
+def analyze(source: Source, config: PruneConfig | dict[str, Any] | None = None, **overrides: Any) -> Analysis:
+    cfg = _config(config, overrides)
+    model = model_io.normalize(model_io.load_model(source, max_bytes=cfg.max_model_bytes))
+    specs = signature(model, {k: tuple(v) for k, v in cfg.input_shapes.items()})
+    graph = DependencyGraph.build(model, resolve_shapes(model, specs))
+    grouping = build_groups(graph, cfg.exclude)
+    return Analysis(model, graph, grouping, specs, CostModel(graph, grouping.roots))
+
+
+@dataclass
+class PruneResult:
+    model: ModelProto
+    report: Report
+    plan: PrunePlan
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        model_io.save_model(self.model, path)
+
+
+def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
+          progress: Progress | None = None, **overrides: Any) -> PruneResult:
+    """Prune `source` as `config` says; raises a GraphpruneError subclass on any failure."""
+    cfg = _config(config, overrides)
+    step = progress or (lambda stage, frac: None)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str, frac: float) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 4)
+        clock = now
+        step(name, frac)
+
+    an = analyze(source, cfg)
+    lap("analyze", 0.3)
+    crit = criterion(cfg.criterion)
+    rng = np.random.default_rng(cfg.seed)
+    scores = {g.id: group_scores(an.graph, g, crit, cfg.reduction, cfg.normalizer, rng)
+              for g in an.grouping.prunable}
+    lap("score", 0.4)
+    plan = Selector(an.graph, an.grouping, scores, an.cost, cfg).select()
+    lap("select", 0.5)
+    pruned = apply_plan(an.graph, plan.removed_root)
+    pruned = model_io.infer_shapes(pruned)
+    lap("surgery", 0.6)
+    validation: dict[str, Any] = {}
+    if cfg.validate:
+        reference = masked_reference(an.graph, plan.removed_root, tensor_dtypes(an.model))
+        validation = validate(an.model, pruned, reference, make_feeds(an.specs, cfg.seed), cfg.latency_runs)
+        lap("validate", 1.0)
+    report = _report(an, cfg, plan, validation, timings)
+    step("done", 1.0)
+    return PruneResult(pruned, report, plan)
+
+
+def _report(an: Analysis, cfg: PruneConfig, plan: PrunePlan, validation: dict[str, Any],
+            timings: dict[str, float]) -> Report:
+    groups = an.grouping.groups
+    pruned_groups = [
+        {"id": g.id, "producers": g.producers, "units": g.size, "removed": plan.count(g.id)}
+        for g in groups if plan.count(g.id)
+    ]
+    blocked = [g.to_dict(members=False) for g in groups if not g.prunable and g.reasons]
+    graph = an.model.graph
+    return Report(
+        model={"nodes": len(graph.node), "opset": an.graph.opset, "ir_version": an.model.ir_version,
+               "inputs": [{"name": s.name, "shape": list(s.shape)} for s in an.specs],
+               "outputs": [o.name for o in graph.output]},
+        config=asdict(cfg),
+        params={"before": an.cost.params(), "after": an.cost.params(plan.removed_root)},
+        flops={"before": an.cost.macs(), "after": an.cost.macs(plan.removed_root)},
+        bytes={"before": an.cost.bytes(), "after": an.cost.bytes(plan.removed_root)},
+        groups={"total": len(groups), "prunable": len(an.grouping.prunable), "pruned": len(pruned_groups),
+                "achieved": round(plan.achieved, 6), "pruned_list": pruned_groups, "blocked": blocked},
+        validation=validation,
+        timings_s=timings,
+    )

@@ -1,0 +1,158 @@
+"""Command line: `graphprune prune`, `graphprune inspect`, `graphprune demo`.
+
+Exit codes (a contract other tools rely on):
+  0 success · 1 unexpected internal error · 2 usage error · 3 invalid or unsafe model ·
+  4 target impossible · 5 the pruned model failed validation (nothing was written)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from graphprune import __version__
+from graphprune.api import analyze, prune
+from graphprune.config import TARGETS, PruneConfig
+from graphprune.errors import GraphpruneError, UsageError
+from graphprune.importance import CRITERIA
+
+EPILOG = """exit codes: 0 ok, 1 internal error, 2 usage, 3 invalid model, 4 target impossible,
+5 validation failed"""
+
+
+def _shape_arg(text: str) -> tuple[str, list[int]]:
+    name, _, dims = text.partition("=")
+    try:
+        return name, [int(d) for d in dims.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,... (e.g. input=1,3,224,224), got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graphprune", description="Structured pruning of ONNX models, data-free.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"graphprune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prune", help="prune a model", epilog=EPILOG)
+    pr.add_argument("input", type=Path)
+    pr.add_argument("output", type=Path)
+    pr.add_argument("--sparsity", type=float, required=True, help="fraction of the target to remove, [0, 1)")
+    pr.add_argument("--target", choices=TARGETS, default="channels")
+    pr.add_argument("--criterion", choices=sorted(CRITERIA), default="l2")
+    scope = pr.add_mutually_exclusive_group()
+    scope.add_argument("--global", dest="global_ranking", action="store_true", help="rank units across groups")
+    scope.add_argument("--local", dest="global_ranking", action="store_false", help="same ratio per group (default)")
+    pr.add_argument("--round-to", type=int, default=1, help="keep a multiple of N units per group")
+    pr.add_argument("--max-group-sparsity", type=float, default=0.9, help="cap on the fraction removed per group")
+    pr.add_argument("--min-channels", type=int, default=1, help="units every group keeps at least")
+    pr.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
+                    help="node or initializer names (glob patterns) whose groups stay untouched")
+    pr.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=D1,D2,...",
+                    help="concrete shape for a dynamic input (repeatable)")
+    pr.add_argument("--report", type=Path, help="write the JSON report here")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--no-validate", dest="validate", action="store_false",
+                    help="skip onnxruntime validation (not recommended)")
+    pr.add_argument("--latency-runs", type=int, default=5)
+    pr.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+    ins = sub.add_parser("inspect", help="show groups, why some cannot be pruned, params and FLOPs")
+    ins.add_argument("input", type=Path)
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--members", action="store_true", help="list every group's parameter members")
+    ins.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=D1,D2,...")
+
+    demo = sub.add_parser("demo", help="prune a bundled demo model and show the report")
+    demo.add_argument("--out", type=Path, default=Path("graphprune-demo"))
+    demo.add_argument("--sparsity", type=float, default=0.3)
+    return p
+
+
+def _prune(args: argparse.Namespace) -> int:
+    cfg = PruneConfig(
+        sparsity=args.sparsity, target=args.target, criterion=args.criterion,
+        global_ranking=args.global_ranking, round_to=args.round_to,
+        max_group_sparsity=args.max_group_sparsity, min_channels=args.min_channels,
+        exclude=list(args.exclude), seed=args.seed, validate=args.validate,
+        latency_runs=args.latency_runs, input_shapes=dict(args.input_shape),
+    )
+    if not args.input.is_file():
+        raise UsageError(f"input model not found: {args.input}")
+    with tqdm(total=100, desc="pruning", unit="%", disable=args.quiet, leave=False,
+              bar_format="{desc:<18}{bar}| {n:.0f}%") as bar:
+        def progress(stage: str, frac: float) -> None:
+            bar.set_description_str(stage)
+            bar.update(frac * 100 - bar.n)
+
+        result = prune(args.input, cfg, progress=progress)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    result.save(args.output)
+    if args.report:
+        args.report.write_text(result.report.to_json())
+    if not args.quiet:
+        print(result.report.summary())
+        print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    an = analyze(args.input, input_shapes=dict(args.input_shape))
+    summary = an.summary(members=args.members)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"params {summary['params']:,}   MACs {summary['flops']:,}")
+    g = summary["groups"]
+    print(f"groups {g['total']} total, {g['prunable']} prunable ({g['prunable_channels']:,} channels)")
+    for reason, count in g["blocked_reasons"].items():
+        print(f"  blocked: {count} group(s) {reason}")
+    print(f"\n{'id':>4} {'units':>6} {'prunable':>8}  producers / why not")
+    for grp in g["list"]:
+        _print_group(grp)
+    return 0
+
+
+def _print_group(grp: dict[str, Any]) -> None:
+    why = "; ".join(f"{r['kind']} at {r['op']} '{r['node']}'" for r in grp["reasons"][:2])
+    producers = ", ".join(grp["producers"][:3]) + (" ..." if len(grp["producers"]) > 3 else "")
+    print(f"{grp['id']:>4} {grp['units']:>6} {'yes' if grp['prunable'] else 'no':>8}  {producers}"
+          + (f"  [{why}]" if why and not grp["prunable"] else ""))
+    for m in grp.get("members", []):
+        print(f"{'':>22}{m['role']:<7} {m['tensor']} axis {m['axis']} ({m['positions']} positions)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from graphprune.demo import demo_model
+    from graphprune.model import save_model
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    src = args.out / "demo.onnx"
+    save_model(demo_model(), src)
+    print(f"bundled demo model written to {src}; pruning {args.sparsity:.0%} of its channels")
+    ns = _parser().parse_args(["prune", str(src), str(args.out / "demo.pruned.onnx"),
+                               "--sparsity", str(args.sparsity), "--report", str(args.out / "report.json")])
+    return _prune(ns)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handlers = {"prune": _prune, "inspect": _inspect, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except GraphpruneError as exc:
+        print(f"graphprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""User-facing pruning options, validated once so every entry point (CLI, API, service) agrees."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from graphprune.errors import UsageError
+
+Target = Literal["channels", "params", "flops"]
+Criterion = Literal["l1", "l2", "random", "bn", "lamp"]
+Reduction = Literal["mean", "sum", "max", "prod"]
+Normalizer = Literal["mean", "max", "sum", "none"]
+
+TARGETS: tuple[str, ...] = ("channels", "params", "flops")
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "max", "prod")
+NORMALIZERS: tuple[str, ...] = ("mean", "max", "sum", "none")
+
+
+@dataclass
+class PruneConfig:
+    """How much to remove and how to choose it.
+
+    `sparsity` is the fraction of the `target` quantity to remove (0 <= s < 1).
+    """
+
+    sparsity: float = 0.3
+    target: Target = "channels"
+    criterion: str = "l2"
+    reduction: Reduction = "mean"
+    normalizer: Normalizer = "mean"
+    global_ranking: bool = False
+    round_to: int = 1
+    max_group_sparsity: float = 0.9
+    min_channels: int = 1
+    exclude: list[str] = field(default_factory=list)
+    seed: int = 0
+    validate: bool = True
+    latency_runs: int = 5
+    max_model_bytes: int = 4 * 1024**3
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise UsageError(f"sparsity must be in [0, 1), got {self.sparsity}; e.g. --sparsity 0.3")
+        if self.target not in TARGETS:
+            raise UsageError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.reduction not in REDUCTIONS:
+            raise UsageError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
+        if self.normalizer not in NORMALIZERS:
+            raise UsageError(f"normalizer must be one of {', '.join(NORMALIZERS)}, got {self.normalizer!r}")
+        if self.round_to < 1:
+            raise UsageError(f"round_to must be >= 1, got {self.round_to}")
+        if not 0.0 < self.max_group_sparsity <= 1.0:
+            raise UsageError(f"max_group_sparsity must be in (0, 1], got {self.max_group_sparsity}")
+        if self.min_channels < 1:
+            raise UsageError(f"min_channels must be >= 1, got {self.min_channels}")
+        if self.latency_runs < 0:
+            raise UsageError(f"latency_runs must be >= 0, got {self.latency_runs}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)

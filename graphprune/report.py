@@ -1,0 +1,56 @@
+"""The report of one prune: what changed, what could not change and why, and how well it held."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Report:
+    model: dict[str, Any]
+    config: dict[str, Any]
+    params: dict[str, int]
+    flops: dict[str, int]  # multiply-accumulates (MACs)
+    bytes: dict[str, int]
+    groups: dict[str, Any]
+    validation: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        """A few human lines for the terminal."""
+
+        def pct(d: dict[str, int]) -> str:
+            before, after = d["before"], d["after"]
+            return f"{before:,} -> {after:,} ({1 - after / before:.1%} removed)" if before else "n/a"
+
+        g = self.groups
+        lines = [
+            f"params  {pct(self.params)}",
+            f"MACs    {pct(self.flops)}",
+            f"groups  {g['total']} total, {g['prunable']} prunable, {g['pruned']} pruned",
+        ]
+        v = self.validation
+        if v:
+            lat = v.get("latency_ms", {})
+            if lat.get("before") and lat.get("after"):
+                lines.append(f"latency {lat['before']:.2f} ms -> {lat['after']:.2f} ms "
+                             f"({lat['before'] / lat['after']:.2f}x)")
+            for o in v.get("outputs", []):
+                extra = f", top-1 agreement {o['top1_agreement']:.1%}" if "top1_agreement" in o else ""
+                if "cosine" in o:
+                    lines.append(f"output  {o['output']}: cosine {o['cosine']:.4f}, "
+                                 f"max rel err {o['max_rel_err']:.3g}{extra}")
+            eq = v.get("equivalence")
+            if eq:
+                lines.append(f"equivalence with the masked original: {'passed' if eq['passed'] else 'FAILED'}")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)

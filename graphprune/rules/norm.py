@@ -1,0 +1,99 @@
+"""Normalizations. Per-channel ones (BatchNorm, InstanceNorm) keep channels independent; ones that
+normalize ACROSS channels (LayerNorm over the channel axis, LRN) make every channel's output depend
+on all others, so removing any would change the rest: they block. GroupNorm loses whole groups."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from onnx import NodeProto
+
+from graphprune.onnxutil import attr, set_attr
+from graphprune.reasons import BlockKind, Unmappable
+from graphprune.rules.common import passthrough, union_blocks
+from graphprune.rules.registry import Rule, register
+
+if TYPE_CHECKING:
+    from graphprune.depgraph import DependencyGraph
+    from graphprune.surgery import SurgeryContext
+
+PARAM_ROLES = {"BatchNormalization": ("affine", "bias", "stat", "stat"), "InstanceNormalization": ("affine", "bias")}
+
+
+@register("BatchNormalization", "InstanceNormalization")
+class PerChannelNorm(Rule):
+    def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
+        x, y = node.input[0], node.output[0]
+        passthrough(g, x, y)
+        labels = g.tracked(x).get(1)
+        if labels is None:
+            return
+        for name, role in zip(node.input[1:], PARAM_ROLES[node.op_type], strict=False):
+            if name:
+                if not g.is_const(name):
+                    raise Unmappable(BlockKind.FIXED_OPERAND, f"{node.op_type} parameter '{name}' is not constant")
+                g.set_dim(name, 0, labels, role)
+
+
+def _block_normalized(node: NodeProto, g: DependencyGraph, axes: list[int]) -> None:
+    x = node.input[0]
+    rank = g.rank(x)
+    normalized = {a % rank for a in axes}
+    for axis, labels in g.tracked(x).items():
+        if axis in normalized:
+            g.block(labels, BlockKind.NORMALIZES_CHANNELS, node,
+                    "normalizes over the channel axis: removing channels changes the others' statistics")
+    for out in node.output:
+        if out:
+            for axis, labels in g.tracked(x).items():
+                if axis not in normalized and axis < g.rank(out):
+                    g.set_dim(out, axis, labels)
+
+
+@register("LayerNormalization")
+class LayerNorm(Rule):
+    def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
+        rank = g.rank(node.input[0])
+        start = int(attr(node, "axis", -1)) % rank
+        _block_normalized(node, g, list(range(start, rank)))
+
+
+@register("LpNormalization")
+class LpNorm(Rule):
+    def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
+        _block_normalized(node, g, [int(attr(node, "axis", -1))])
+
+
+@register("MeanVarianceNormalization")
+class MVN(Rule):
+    def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
+        _block_normalized(node, g, [int(a) for a in attr(node, "axes", [0, 2, 3])])
+
+
+@register("LRN")
+class LRN(Rule):
+    def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
+        _block_normalized(node, g, [1])
+
+
+@register("GroupNormalization")
+class GroupNorm(Rule):
+    def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
+        x, y = node.input[0], node.output[0]
+        labels = g.tracked(x).get(1)
+        if labels is None:
+            return
+        groups = int(attr(node, "num_groups"))
+        per_group = labels.size // groups
+        firsts = union_blocks(g, labels, per_group)
+        for name, role in zip(node.input[1:3], ("affine", "bias"), strict=False):
+            if not g.is_const(name):
+                raise Unmappable(BlockKind.FIXED_OPERAND, f"GroupNormalization parameter '{name}' is not constant")
+            g.set_dim(name, 0, labels if g.shape(name)[0] == labels.size else firsts, role)
+        passthrough(g, x, y)
+
+    def rewrite(self, node: NodeProto, sx: SurgeryContext) -> None:
+        old_c = sx.old_shape(node.input[0])[1]
+        per_group = old_c // int(attr(node, "num_groups"))
+        set_attr(node, "num_groups", sx.new_shape(node.input[0])[1] // per_group)
+

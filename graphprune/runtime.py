@@ -1,0 +1,44 @@
+"""onnxruntime sessions for analysis and validation (CPU, no custom-op libraries ever)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+from onnx import ModelProto
+
+from graphprune.errors import InvalidModelError
+
+# onnx 1.23 writes IR 14 by default and onnxruntime 1.31 reads less; graphprune keeps the user's IR
+# version in what it writes and only lowers it in the private copy it runs.
+RUNTIME_IR_VERSION = 10
+
+
+def session(model: ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    runnable = model
+    if model.ir_version > RUNTIME_IR_VERSION:
+        runnable = ModelProto()
+        runnable.CopyFrom(model)
+        runnable.ir_version = RUNTIME_IR_VERSION
+    try:
+        return ort.InferenceSession(runnable.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise InvalidModelError(f"onnxruntime cannot load the model: {exc}".strip()) from exc
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, NDArray[Any]],
+        outputs: list[str] | None = None) -> dict[str, NDArray[Any]]:
+    names = outputs or [o.name for o in sess.get_outputs()]
+    try:
+        values = sess.run(names, feeds)
+    except Exception as exc:
+        raise InvalidModelError(f"onnxruntime failed to run the model: {exc}".strip()) from exc
+    return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}

@@ -1,0 +1,161 @@
+"""Which units to remove: local (same ratio in every group) or global ranking, toward a target of
+channels, parameters or MACs, under per-group caps, a minimum width and round-to-multiple."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from graphprune.config import PruneConfig
+from graphprune.cost import CostModel
+from graphprune.depgraph import DependencyGraph
+from graphprune.errors import TargetImpossibleError
+from graphprune.groups import Group, Grouping
+
+TOLERANCE = 0.005
+
+
+@dataclass
+class PrunePlan:
+    removed: dict[int, NDArray[np.int64]]  # group id -> removed unit indices
+    removed_root: NDArray[np.bool_]  # per element id: True where a removed unit's root
+    achieved: float  # fraction of the target quantity removed
+
+    def count(self, gid: int) -> int:
+        return int(self.removed.get(gid, np.empty(0)).size)
+
+
+def _max_removable(group: Group, cfg: PruneConfig) -> int:
+    n = group.size
+    keep_min = max(cfg.min_channels, math.ceil(n * (1 - cfg.max_group_sparsity) - 1e-9))
+    return max(0, min(group.free, n - keep_min))
+
+
+def _rounded(group: Group, k: int, cfg: PruneConfig) -> int:
+    """Largest removal <= k that keeps a multiple of round_to (or everything)."""
+    n = group.size
+    kept = n - k
+    if cfg.round_to > 1 and kept % cfg.round_to:
+        kept = min(n, math.ceil(kept / cfg.round_to) * cfg.round_to)
+    return n - kept
+
+
+def _lowest(scores: NDArray[np.float64], blocked: NDArray[np.bool_], k: int) -> NDArray[np.int64]:
+    order = [int(i) for i in np.argsort(scores, kind="stable") if not blocked[i]]
+    return np.array(sorted(order[:k]), dtype=np.int64)
+
+
+class Selector:
+    def __init__(self, graph: DependencyGraph, grouping: Grouping, scores: dict[int, NDArray[np.float64]],
+                 cost: CostModel, cfg: PruneConfig) -> None:
+        self.graph, self.grouping, self.scores, self.cost, self.cfg = graph, grouping, scores, cost, cfg
+        self.cands = [g for g in grouping.prunable if _max_removable(g, cfg) > 0]
+        self.total_units = sum(g.size for g in grouping.prunable)
+
+    def _plan(self, removed: dict[int, NDArray[np.int64]]) -> PrunePlan:
+        removed_root = np.zeros(self.grouping.roots.size, dtype=bool)
+        for gid, units in removed.items():
+            removed_root[self.grouping.groups[gid].roots[units]] = True
+        removed = self._keep_nonempty(removed, removed_root)
+        return PrunePlan(removed, removed_root, 0.0)
+
+    def _keep_nonempty(self, removed: dict[int, NDArray[np.int64]],
+                       removed_root: NDArray[np.bool_]) -> dict[int, NDArray[np.int64]]:
+        """No tensor may lose all its channels (a Split output holding only removed units)."""
+        roots = self.grouping.roots
+        for axes in self.graph.dims.values():
+            for labels in axes.values():
+                r = roots[labels]
+                if r.size and removed_root[r].all():
+                    best = max(np.unique(r).tolist(), key=lambda x: self._score_of(x))
+                    removed_root[best] = False
+                    gid, unit = self.grouping.unit_group[best]
+                    removed[gid] = removed[gid][removed[gid] != unit]
+        return removed
+
+    def _score_of(self, root: int) -> float:
+        gid, unit = self.grouping.unit_group[root]
+        return float(self.scores[gid][unit])
+
+    def local(self, ratio: float) -> PrunePlan:
+        removed = {}
+        for g in self.cands:
+            k = min(math.floor(ratio * g.size + 1e-9), _max_removable(g, self.cfg))
+            k = _rounded(g, k, self.cfg)
+            if k > 0:
+                removed[g.id] = _lowest(self.scores[g.id], g.blocked, k)
+        return self._plan(removed)
+
+    def global_(self, count: int) -> PrunePlan:
+        entries = sorted(
+            (float(self.scores[g.id][u]), g.id, u)
+            for g in self.cands for u in range(g.size) if not g.blocked[u]
+        )
+        caps = {g.id: _max_removable(g, self.cfg) for g in self.cands}
+        chosen: dict[int, list[int]] = {}
+        taken = 0
+        for _, gid, unit in entries:
+            if taken >= count:
+                break
+            if len(chosen.setdefault(gid, [])) < caps[gid]:
+                chosen[gid].append(unit)
+                taken += 1
+        removed = {}
+        by_id = {g.id: g for g in self.cands}
+        for gid, units in chosen.items():
+            k = _rounded(by_id[gid], len(units), self.cfg)
+            if k > 0:
+                removed[gid] = np.array(sorted(units[:k]), dtype=np.int64)
+        return self._plan(removed)
+
+    def measure(self, plan: PrunePlan) -> float:
+        if self.cfg.target == "channels":
+            return sum(v.size for v in plan.removed.values()) / max(1, self.total_units)
+        fn: Callable[[NDArray[np.bool_] | None], int] = (
+            self.cost.params if self.cfg.target == "params" else self.cost.macs)
+        base = fn(None)
+        return 1.0 - fn(plan.removed_root) / base if base else 0.0
+
+    def select(self) -> PrunePlan:
+        cfg = self.cfg
+        if cfg.sparsity == 0:
+            return self._plan({})
+        if not self.cands:
+            raise TargetImpossibleError(
+                "no prunable group: every channel is coupled with something fixed "
+                "(run `graphprune inspect` to see why each group is blocked)")
+        if cfg.target == "channels":
+            plan = (self.global_(int(cfg.sparsity * self.total_units)) if cfg.global_ranking
+                    else self.local(cfg.sparsity))
+        else:
+            plan = self._search()
+        plan.achieved = self.measure(plan)
+        return plan
+
+    def _search(self) -> PrunePlan:
+        """Smallest ratio (local) or count (global) whose exact cost reduction reaches the target."""
+        make: Callable[[float], PrunePlan]
+        if self.cfg.global_ranking:
+            total = sum(_max_removable(g, self.cfg) for g in self.cands)
+            make, lo, hi = (lambda x: self.global_(round(x * total))), 0.0, 1.0
+        else:
+            make, lo, hi = self.local, 0.0, 1.0
+        best = make(hi)
+        reach = self.measure(best)
+        if reach < self.cfg.sparsity - TOLERANCE:
+            raise TargetImpossibleError(
+                f"at most {reach:.1%} of {self.cfg.target} can be removed under the current limits "
+                f"(max_group_sparsity={self.cfg.max_group_sparsity}, min_channels={self.cfg.min_channels}); "
+                f"asked for {self.cfg.sparsity:.1%}: lower --sparsity or raise --max-group-sparsity")
+        for _ in range(24):
+            mid = (lo + hi) / 2
+            plan = make(mid)
+            if self.measure(plan) >= self.cfg.sparsity:
+                hi, best = mid, plan
+            else:
+                lo = mid
+        return best

@@ -1,0 +1,120 @@
+"""Validation with onnx.checker and onnxruntime: the pruned model must load, run, keep every output's
+name and shape, and (without compensation) equal the masked original, which proves the coupling."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from numpy.typing import NDArray
+from onnx import ModelProto
+
+from graphprune import runtime
+from graphprune.errors import InvalidModelError, ValidationFailedError
+
+EQUIVALENCE_RTOL = 1e-3
+EQUIVALENCE_ATOL = 1e-4
+
+
+def check(model: ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise ValidationFailedError(f"the pruned model fails onnx.checker: {exc}") from exc
+
+
+def tensor_dtypes(model: ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    g = inferred.graph
+    out = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]}
+    out.update({t.name: t.data_type for t in g.initializer})
+    return out
+
+
+def fidelity(ref: dict[str, NDArray[Any]], got: dict[str, NDArray[Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, r in ref.items():
+        g = got[name]
+        row: dict[str, Any] = {"output": name, "shape": list(r.shape)}
+        if np.issubdtype(r.dtype, np.floating):
+            a, b = r.astype(np.float64).ravel(), g.astype(np.float64).ravel()
+            diff = np.abs(a - b)
+            scale = float(np.abs(a).max()) if a.size else 0.0
+            denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+            row.update(
+                max_abs_err=float(diff.max()) if diff.size else 0.0,
+                max_rel_err=float(diff.max() / scale) if scale and diff.size else 0.0,
+                cosine=float(a @ b / denom) if denom else 1.0,
+            )
+            if r.ndim == 2 and r.shape[1] > 1:
+                row["top1_agreement"] = float((r.argmax(1) == g.argmax(1)).mean())
+        else:
+            row["exact_match"] = float((r == g).mean()) if r.size else 1.0
+        rows.append(row)
+    return rows
+
+
+def equivalent(ref: dict[str, NDArray[Any]], got: dict[str, NDArray[Any]]) -> tuple[bool, float]:
+    """Same outputs within float tolerance (accumulation order changes with fewer channels)."""
+    worst = 0.0
+    ok = True
+    for name, r in ref.items():
+        g = got[name]
+        if not np.issubdtype(r.dtype, np.floating):
+            ok &= bool(np.array_equal(r, g))
+            continue
+        a, b = r.astype(np.float64), g.astype(np.float64)
+        scale = max(1.0, float(np.abs(a).max()) if a.size else 1.0)
+        err = float(np.abs(a - b).max()) if a.size else 0.0
+        worst = max(worst, err / scale)
+        ok &= err <= EQUIVALENCE_ATOL + EQUIVALENCE_RTOL * scale
+    return ok, worst
+
+
+def latency_ms(sess: ort.InferenceSession, feeds: dict[str, NDArray[Any]], runs: int) -> float | None:
+    if runs <= 0:
+        return None
+    sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def validate(original: ModelProto, pruned: ModelProto, reference: ModelProto | None,
+             feeds: dict[str, NDArray[Any]], latency_runs: int) -> dict[str, Any]:
+    """Run every check; raise ValidationFailedError on anything that makes the model unusable."""
+    check(pruned)
+    orig_sess = runtime.session(original)
+    try:
+        pruned_sess = runtime.session(pruned)
+        got = runtime.run(pruned_sess, feeds)
+    except InvalidModelError as exc:
+        raise ValidationFailedError(f"the pruned model does not run in onnxruntime: {exc}") from exc
+    ref = runtime.run(orig_sess, feeds)
+    for name, r in ref.items():
+        if got[name].shape != r.shape:
+            raise ValidationFailedError(f"output '{name}' changed shape {r.shape} -> {got[name].shape}")
+    result: dict[str, Any] = {
+        "checker": "passed",
+        "onnxruntime": "passed",
+        "outputs": fidelity(ref, got),
+        "latency_ms": {"before": latency_ms(orig_sess, feeds, latency_runs),
+                       "after": latency_ms(pruned_sess, feeds, latency_runs)},
+    }
+    if reference is not None:
+        masked = runtime.run(runtime.session(reference), feeds)
+        ok, worst = equivalent(masked, got)
+        result["equivalence"] = {"passed": ok, "max_rel_err": worst}
+        if not ok:
+            raise ValidationFailedError(
+                f"internal coupling error: the pruned model differs from the masked original by {worst:.3g} "
+                "(relative); no model was written. Please report this model; --exclude the affected layers "
+                "as a workaround")
+    return result

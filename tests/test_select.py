@@ -1,0 +1,102 @@
+"""Selection and importance on the bundled demo CNN: targets, caps, rounding, exclusions, criteria."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import graphprune
+from graphprune.demo import demo_model
+from graphprune.groups import Member
+from graphprune.importance import L2, Lamp, group_scores
+from graphprune.inputs import make_feeds, signature
+
+MODEL = demo_model()
+
+
+def _removed(res: graphprune.PruneResult) -> dict[tuple[str, ...], int]:
+    return {tuple(g["producers"]): g["removed"] for g in res.report.groups["pruned_list"]}
+
+
+def _run(model: object, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+    return sess.run(None, {"input": x})[0]
+
+
+def test_zero_sparsity_reproduces_outputs() -> None:
+    res = graphprune.prune(MODEL, sparsity=0.0, latency_runs=0)
+    x = make_feeds(signature(MODEL))["input"]
+    np.testing.assert_allclose(_run(res.model, x), _run(MODEL, x), atol=1e-5, rtol=0)
+    assert res.report.params["after"] == res.report.params["before"]
+
+
+def test_local_ratio_per_group() -> None:
+    res = graphprune.prune(MODEL, sparsity=0.5, latency_runs=0)
+    assert _removed(res) == {("block_b", "se_expand", "stem"): 8, ("block_a",): 8, ("se_reduce",): 2,
+                             ("project",): 12, ("fc1",): 32}
+
+
+def test_round_to_keeps_multiples() -> None:
+    res = graphprune.prune(MODEL, sparsity=0.3, round_to=4, latency_runs=0)
+    for g in res.report.groups["pruned_list"]:
+        kept = g["units"] - g["removed"]
+        assert kept % 4 == 0 or kept == g["units"]
+
+
+def test_cap_and_min_channels() -> None:
+    res = graphprune.prune(MODEL, sparsity=0.8, max_group_sparsity=0.25, min_channels=14, latency_runs=0)
+    for g in res.report.groups["pruned_list"]:
+        assert g["removed"] <= math.floor(0.25 * g["units"])
+        assert g["units"] - g["removed"] >= min(14, g["units"])
+
+
+def test_exclude_by_glob() -> None:
+    res = graphprune.prune(MODEL, sparsity=0.5, exclude=["fc1*"], latency_runs=0)
+    assert ("fc1",) not in _removed(res)
+    an = graphprune.analyze(MODEL, exclude=["fc1*"])
+    fc1 = next(g for g in an.grouping.groups if g.producers == ["fc1"])
+    assert not fc1.prunable and fc1.reasons[-1].kind.value == "excluded_by_user"
+
+
+@pytest.mark.parametrize("target", ["params", "flops"])
+@pytest.mark.parametrize("global_ranking", [False, True])
+def test_cost_targets_are_reached_not_overshot(target: str, global_ranking: bool) -> None:
+    res = graphprune.prune(MODEL, sparsity=0.4, target=target, global_ranking=global_ranking, latency_runs=0)
+    d = res.report.params if target == "params" else res.report.flops
+    reduction = 1 - d["after"] / d["before"]
+    assert 0.4 - 0.005 <= reduction <= 0.5
+
+
+def test_global_removes_lowest_scores_overall() -> None:
+    res = graphprune.prune(MODEL, sparsity=0.3, global_ranking=True, latency_runs=0)
+    total = sum(g.size for g in graphprune.analyze(MODEL).grouping.prunable)
+    assert sum(_removed(res).values()) == int(0.3 * total)
+
+
+def test_criteria_pick_different_channels() -> None:
+    picks = {c: _removed(graphprune.prune(MODEL, sparsity=0.3, criterion=c, global_ranking=True,
+                                          latency_runs=0, seed=1))
+             for c in ("l1", "l2", "lamp", "random")}
+    assert picks["random"] != picks["l2"]
+    assert all(sum(p.values()) > 0 for p in picks.values())
+
+
+def test_l2_scores_rank_by_group_norm() -> None:
+    an = graphprune.analyze(MODEL)
+    group = next(g for g in an.grouping.groups if g.producers == ["block_a"])
+    scores = group_scores(an.graph, group, L2(), "sum", "none", np.random.default_rng(0))
+    w_out = numpy_helper.to_array(next(t for t in an.model.graph.initializer if t.name == "block_a.w"))
+    w_in = numpy_helper.to_array(next(t for t in an.model.graph.initializer if t.name == "block_b.w"))
+    expected = (w_out**2).sum(axis=(1, 2, 3)) + (w_in**2).sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+
+
+def test_lamp_formula() -> None:
+    weights = np.array([[3.0], [1.0], [2.0]])
+    member = Member("w", 0, "out", np.arange(3), np.arange(3))
+    s = Lamp().member_scores(weights, member, 3)
+    np.testing.assert_allclose(s, [9 / 9, 1 / 14, 4 / 13])
