@@ -13,7 +13,7 @@ from onnx import ModelProto, helper
 from graphprune.errors import UsageError
 
 DEFAULT_BATCH = 2
-DEFAULT_DIM = 16
+DEFAULT_DIM = 32  # divisible by the stride of most CNNs; small enough for short sequences
 
 
 @dataclass(frozen=True)

@@ -40,5 +40,8 @@ def run(sess: ort.InferenceSession, feeds: dict[str, NDArray[Any]],
     try:
         values = sess.run(names, feeds)
     except Exception as exc:
-        raise InvalidModelError(f"onnxruntime failed to run the model: {exc}".strip()) from exc
+        shapes = ", ".join(f"{k}={list(v.shape)}" for k, v in feeds.items())
+        raise InvalidModelError(
+            f"onnxruntime failed to run the model on inputs {shapes}: {exc}; if an input has dynamic "
+            "dimensions, give a shape the model accepts with --input-shape NAME=D1,D2,...".strip()) from exc
     return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from onnx import ModelProto, TensorProto, helper, numpy_helper
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from graphprune.depgraph import DependencyGraph
 from graphprune.rules import rule_for
@@ -36,6 +36,14 @@ class SurgeryContext:
         for axis, labels in self.graph.tracked(name).items():
             shape[axis] = int((~self.removed[labels]).sum())
         return tuple(shape)
+
+    def touches(self, node: NodeProto) -> bool:
+        """Whether any tensor of `node` loses channels (only those nodes need rewriting)."""
+        return any(
+            bool(self.removed[labels].any())
+            for name in [*node.input, *node.output] if name
+            for labels in self.graph.tracked(name).values()
+        )
 
     def const(self, name: str) -> NDArray[Any]:
         if name in self.consts:
@@ -69,7 +77,7 @@ def apply_plan(graph: DependencyGraph, removed_root: NDArray[np.bool_]) -> Model
             sx.set_const(name, sliced)
     for node in model.graph.node:
         rule = rule_for(node)
-        if rule is not None:
+        if rule is not None and sx.touches(node):
             rule.rewrite(node, sx)
     _write_consts(model, sx)
     del model.graph.value_info[:]

@@ -1,0 +1,55 @@
+"""Print the README's coverage table: every zoo model, its groups, and what a 30% prune removes.
+
+Usage: python scripts/coverage.py [--fast]   (run from the repository root, test extras installed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import zoo
+
+import graphprune
+
+
+def row(name: str) -> str:
+    meta = zoo.MODELS[name]
+    try:
+        src = zoo.path(name)
+    except zoo.ZooUnavailable as exc:
+        return f"| {name} | {meta.exporter} | unavailable: {exc} | | | |"
+    an = graphprune.analyze(src)
+    groups = an.grouping.groups
+    prunable = an.grouping.prunable
+    share = sum(g.channels for g in prunable) / max(1, sum(g.channels for g in groups))
+    try:
+        rep = graphprune.prune(src, sparsity=0.3, latency_runs=0).report
+        params = f"{1 - rep.params['after'] / rep.params['before']:.1%}"
+        flops = f"{1 - rep.flops['after'] / rep.flops['before']:.1%}" if rep.flops["before"] else "n/a"
+        eq = "yes" if rep.validation["equivalence"]["passed"] else "NO"
+    except graphprune.TargetImpossibleError:
+        params = flops = "0% (nothing prunable)"
+        eq = "-"
+    return (f"| {name} | {meta.framework} / {meta.exporter} | {len(groups)} | {len(prunable)} "
+            f"({share:.0%} of channels) | {params} | {flops} | {eq} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fast", action="store_true", help="skip the slow (large) models")
+    args = ap.parse_args()
+    print("| model | framework / exporter | groups | prunable groups | params removed at 30% "
+          "| MACs removed at 30% | equivalence |")
+    print("|---|---|---|---|---|---|---|")
+    for name, meta in zoo.MODELS.items():
+        if args.fast and meta.slow:
+            continue
+        print(row(name), flush=True)
+
+
+if __name__ == "__main__":
+    main()
