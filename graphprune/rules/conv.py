@@ -45,6 +45,18 @@ def _grouped(g: DependencyGraph, in_labels: Labels, per_group_in: int, per_group
     return np.repeat(firsts, per_group_out)
 
 
+def _other_axes(node: NodeProto, g: DependencyGraph) -> None:
+    """Channels tracked on the input's non-channel axes (a Linear's features used as a batch or a
+    spatial axis) are never dropped: samples are independent, so the batch axis passes; the kernel
+    slides along (mixes, and may resize) the spatial axes, so those block."""
+    x, y = node.input[0], node.output[0]
+    for axis, labels in g.tracked(x).items():
+        if axis == 0:
+            g.set_dim(y, 0, labels)
+        elif axis >= 2:
+            g.block(labels, BlockKind.LAYOUT, node, f"{node.op_type} kernel slides along channel axis {axis}")
+
+
 def _set_out(node: NodeProto, g: DependencyGraph, w: str, w_axis: int, out: Labels) -> None:
     g.set_dim(w, w_axis, out, "out")
     if len(node.input) > 2 and node.input[2]:
@@ -73,6 +85,7 @@ class ConvRule(Rule):
             out = _grouped(g, x_labels, per_group_in, cout // group)
         g.consume(node, 0, 1)
         _set_out(node, g, w, 0, out)
+        _other_axes(node, g)
 
     def rewrite(self, node: NodeProto, sx: SurgeryContext) -> None:
         _rewrite_group(node, sx, sx.old_shape(node.input[1])[1])
@@ -100,6 +113,7 @@ class ConvTransposeRule(Rule):
             if len(node.input) > 2 and node.input[2]:
                 g.set_dim(node.input[2], 0, out, "bias")
         g.consume(node, 0, 1)
+        _other_axes(node, g)
 
     def rewrite(self, node: NodeProto, sx: SurgeryContext) -> None:
         group = int(attr(node, "group", 1))

@@ -104,23 +104,36 @@ def shape_entry_source(g: DependencyGraph, name: str, index: int) -> tuple[str, 
     return None
 
 
-def check_shape_entries(node: NodeProto, g: DependencyGraph, shape_input: str, y: str) -> None:
+def _entries(tracked: dict[int, Labels], axes: list[int] | None) -> list[tuple[int, int]]:
+    """(output axis, entry index) of each tracked axis the shape vector holds an entry for.
+
+    `axes` are the output axes the vector describes, in order: all of them by default, only the
+    trailing ones for Expand (right-aligned), the listed ones for Resize's `axes` attribute.
+    """
+    if axes is None:
+        return [(a, a) for a in tracked]
+    return [(a, axes.index(a)) for a in tracked if a in axes]
+
+
+def check_shape_entries(node: NodeProto, g: DependencyGraph, shape_input: str, y: str,
+                        axes: list[int] | None = None) -> None:
     """Every entry of a shape vector that fixes a tracked output axis must be rewritable."""
-    for axis in g.tracked(y):
-        source = shape_entry_source(g, shape_input, axis)
+    for _, entry in _entries(g.tracked(y), axes):
+        source = shape_entry_source(g, shape_input, entry)
         if source is None:
             raise Unmappable(BlockKind.SHAPE_NOT_REWRITABLE,
-                             f"entry {axis} of shape '{shape_input}' is computed at run time")
+                             f"entry {entry} of shape '{shape_input}' is computed at run time")
 
 
-def rewrite_shape_entries(sx: SurgeryContext, shape_input: str, y: str, keep: frozenset[int]) -> None:
+def rewrite_shape_entries(sx: SurgeryContext, shape_input: str, y: str, keep: frozenset[int],
+                          axes: list[int] | None = None) -> None:
     """Write the new sizes of `y`'s tracked axes into the constants behind `shape_input`.
 
     Entries whose value is in `keep` (-1 = infer, 0 = copy, 1 = broadcast) adapt by themselves.
     """
     new = sx.new_shape(y)
-    for axis in sx.graph.tracked(y):
-        source = shape_entry_source(sx.graph, shape_input, axis)
+    for axis, entry in _entries(sx.graph.tracked(y), axes):
+        source = shape_entry_source(sx.graph, shape_input, entry)
         assert source is not None, "checked at analysis"
         name, offset = source
         values = sx.const(name).copy()
@@ -191,10 +204,16 @@ class ExpandRule(Rule):
             if g.shape(x)[axis] != g.shape(y)[axis + shift]:
                 raise Unmappable(BlockKind.LAYOUT, "Expand broadcasts a channel axis")
             g.set_dim(y, axis + shift, labels)
-        check_shape_entries(node, g, node.input[1], y)
+        check_shape_entries(node, g, node.input[1], y, self._described(g, node))
 
     def rewrite(self, node: NodeProto, sx: SurgeryContext) -> None:
-        rewrite_shape_entries(sx, node.input[1], node.output[0], frozenset({1}))
+        rewrite_shape_entries(sx, node.input[1], node.output[0], frozenset({1}), self._described(sx.graph, node))
+
+    @staticmethod
+    def _described(g: DependencyGraph, node: NodeProto) -> list[int]:
+        """The shape broadcasts right-aligned: a vector shorter than Y describes its trailing axes."""
+        rank, length = g.rank(node.output[0]), g.shape(node.input[1])[0]
+        return list(range(rank - length, rank))
 
 
 @register("Tile")
@@ -216,9 +235,7 @@ class ShapeRule(Rule):
     def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
         x = node.input[0]
         rank = g.rank(x)
-        start = int(attr(node, "start", 0)) % (rank + 1) if rank else 0
-        end = int(attr(node, "end", rank))
-        end = end % (rank + 1) if end < 0 else min(end, rank)
+        start, end = _clamp_axis(int(attr(node, "start", 0)), rank), _clamp_axis(int(attr(node, "end", rank)), rank)
         tracked = [a - start for a in g.tracked(x) if start <= a < end]
         if not tracked:
             return
@@ -229,11 +246,18 @@ class ShapeRule(Rule):
                                  f"'{user.name or user.op_type}' reads the run-time size of a channel axis")
 
 
+def _clamp_axis(index: int, rank: int) -> int:
+    """Shape's start/end: negative counts from the back, then clamped to [0, rank] (not modulo)."""
+    return min(max(index + rank if index < 0 else index, 0), rank)
+
+
 def _entries_read(user: NodeProto, g: DependencyGraph) -> list[int] | None:
+    """Entries of a shape vector that `user` reads (negative indices normalised), None if unknown."""
     if user.op_type == "Gather" and g.is_const(user.input[1]) and int(attr(user, "axis", 0)) == 0:
-        return ints(g.const(user.input[1]))
-    if user.op_type == "Slice" and all(g.is_const(i) for i in user.input[1:3]):
-        starts, ends = ints(g.const(user.input[1])), ints(g.const(user.input[2]))
         length = g.shape(user.input[0])[0]
-        return list(range(length))[slice(starts[0], ends[0])]
+        return [i % length for i in ints(g.const(user.input[1]))]
+    if user.op_type == "Slice" and len(user.input) > 2 and all(g.is_const(i) for i in user.input[1:] if i):
+        starts, ends = ints(g.const(user.input[1])), ints(g.const(user.input[2]))
+        steps = ints(g.const(user.input[4])) if len(user.input) > 4 and user.input[4] else [1]
+        return list(range(g.shape(user.input[0])[0]))[slice(starts[0], ends[0], steps[0])]
     return None

@@ -80,15 +80,23 @@ class GemmRule(Rule):
 
     @staticmethod
     def _bias(node: NodeProto, g: DependencyGraph) -> None:
+        """C is added to A·B like an Add: a constant one is sliced with Y; an activation (addmm of a
+        residual) couples its own channels with Y's, and blocks where Y's are fixed."""
         c, y = node.input[2], node.output[0]
         y_labels = g.tracked(y)
         for j in range(g.rank(c)):
             axis = j + 2 - g.rank(c)
-            if axis in y_labels and g.shape(c)[j] > 1:
-                if not g.is_const(c):
-                    g.block(y_labels[axis], BlockKind.FIXED_OPERAND, node, f"Gemm bias '{c}' is not constant")
-                else:
-                    g.set_dim(c, j, y_labels[axis], "bias")
+            if g.shape(c)[j] == 1:
+                continue
+            own, out = g.tracked(c).get(j), y_labels.get(axis)
+            if own is not None and out is not None:
+                g.union(out, own)
+            elif own is not None:
+                g.block(own, BlockKind.FIXED_OPERAND, node, f"Gemm bias '{c}' is added to fixed channels")
+            elif out is not None and not g.is_const(c):
+                g.block(out, BlockKind.FIXED_OPERAND, node, f"Gemm bias '{c}' is not constant")
+            elif out is not None:
+                g.set_dim(c, j, out, "bias")
 
     def macs(self, node: NodeProto, shape: Callable[[str], tuple[int, ...]]) -> int:
         a = shape(node.input[0])
@@ -102,6 +110,8 @@ class GatherRule(Rule):
     def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
         data, indices, y = node.input[0], node.input[1], node.output[0]
         axis = int(attr(node, "axis", 0)) % g.rank(data)
+        for i, labels in g.tracked(indices).items():  # ids computed from channels (ArgMax...) keep them
+            g.set_dim(y, axis + i, labels)
         if g.is_const(data) and not g.is_const(indices) and axis == 0 and g.rank(data) == 2:
             labels = g.new_space(node, y, g.shape(data)[1])
             g.set_dim(data, 1, labels, "out")

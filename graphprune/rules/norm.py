@@ -24,10 +24,21 @@ PARAM_ROLES = {"BatchNormalization": ("affine", "bias", "stat", "stat"), "Instan
 class PerChannelNorm(Rule):
     def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
         x, y = node.input[0], node.output[0]
-        passthrough(g, x, y)
+        spatial = list(range(2, g.rank(x)))
+        if node.op_type == "InstanceNormalization":
+            # its statistics run over the spatial axes: channels tracked there (a Linear's features
+            # used as width) would change every mean; only axis 0 and 1 pass
+            _block_normalized(node, g, spatial)
+        elif int(attr(node, "training_mode", 0)) or any(node.output[1:]):
+            _block_normalized(node, g, [0, *spatial])  # training: batch statistics over N and space
+        else:
+            passthrough(g, x, y)
         labels = g.tracked(x).get(1)
         if labels is None:
             return
+        for out in node.output[1:]:  # training outputs (running/saved mean and var): one per channel
+            if out:
+                g.set_dim(out, 0, labels)
         for name, role in zip(node.input[1:], PARAM_ROLES[node.op_type], strict=False):
             if name:
                 if not g.is_const(name):
@@ -79,18 +90,19 @@ class LRN(Rule):
 @register("GroupNormalization")
 class GroupNorm(Rule):
     def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
-        x, y = node.input[0], node.output[0]
+        x = node.input[0]
         labels = g.tracked(x).get(1)
-        if labels is None:
-            return
-        groups = int(attr(node, "num_groups"))
-        per_group = labels.size // groups
-        firsts = union_blocks(g, labels, per_group)
-        for name, role in zip(node.input[1:3], ("affine", "bias"), strict=False):
-            if not g.is_const(name):
-                raise Unmappable(BlockKind.FIXED_OPERAND, f"GroupNormalization parameter '{name}' is not constant")
-            g.set_dim(name, 0, labels if g.shape(name)[0] == labels.size else firsts, role)
-        passthrough(g, x, y)
+        if labels is not None:
+            groups = int(attr(node, "num_groups"))
+            per_group = labels.size // groups
+            firsts = union_blocks(g, labels, per_group)
+            for name, role in zip(node.input[1:3], ("affine", "bias"), strict=False):
+                if not g.is_const(name):
+                    raise Unmappable(BlockKind.FIXED_OPERAND, f"GroupNormalization parameter '{name}' is not constant")
+                g.set_dim(name, 0, labels if g.shape(name)[0] == labels.size else firsts, role)
+        # group statistics also run over every spatial axis: channels tracked there block, and the
+        # other axes pass even when the channel axis itself is fixed (never silently dropped)
+        _block_normalized(node, g, list(range(2, g.rank(x))))
 
     def rewrite(self, node: NodeProto, sx: SurgeryContext) -> None:
         old_c = sx.old_shape(node.input[0])[1]

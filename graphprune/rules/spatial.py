@@ -40,7 +40,7 @@ class ResizeRule(Rule):
                 raise Unmappable(BlockKind.LAYOUT, f"{node.op_type} scales channel axis {axis}")
         passthrough(g, x, y)
         if self._sizes(node) is not None:
-            check_shape_entries(node, g, self._sizes(node) or "", y)
+            check_shape_entries(node, g, self._sizes(node) or "", y, self._axes(node, g))
 
     @staticmethod
     def _sizes(node: NodeProto) -> str | None:
@@ -48,10 +48,16 @@ class ResizeRule(Rule):
             return node.input[3]
         return None
 
+    @staticmethod
+    def _axes(node: NodeProto, g: DependencyGraph) -> list[int] | None:
+        """Resize-18's `axes`: `sizes` then holds entries for these axes only, in this order."""
+        axes = attr(node, "axes")
+        return None if axes is None else [int(a) % g.rank(node.input[0]) for a in axes]
+
     def rewrite(self, node: NodeProto, sx: SurgeryContext) -> None:
         sizes = self._sizes(node)
         if sizes is not None:
-            rewrite_shape_entries(sx, sizes, node.output[0], frozenset())
+            rewrite_shape_entries(sx, sizes, node.output[0], frozenset(), self._axes(node, sx.graph))
 
 
 @register("Pad")
