@@ -14,10 +14,14 @@ from typing import Any
 from numpy.typing import NDArray
 from onnx import AttributeProto, ModelProto, NodeProto, numpy_helper
 
+from graphprune import shapeflow
 from graphprune.elements import ElementPool, Labels
 from graphprune.onnxutil import node_name
 from graphprune.reasons import BlockKind, BlockReason, ShapeUnknown, Unmappable
 from graphprune.rules import rule_for
+
+# ops whose rule judges the shape vector it reads (check_shape_entries)
+SHAPE_CONSUMERS = frozenset({"Reshape", "Expand", "Resize"})
 
 FIXED_OPS_REASONS: dict[str, BlockKind] = {
     "LSTM": BlockKind.RECURRENT,
@@ -50,6 +54,7 @@ class DependencyGraph:
         self.roles: dict[tuple[str, int], str] = {}
         self.consumes: list[Consume] = []
         self.blocks: list[tuple[Labels, BlockReason]] = []
+        self.shape_values: dict[str, list[shapeflow.Entry]] = {}
         self.producer: dict[str, NodeProto] = {}
         self.users: dict[str, list[NodeProto]] = defaultdict(list)
         for node in model.graph.node:
@@ -74,6 +79,7 @@ class DependencyGraph:
     def _analyze(self, node: NodeProto) -> None:
         rule = rule_for(node)
         self._block_captures(node)
+        self._follow_shape_values(node)
         if rule is None:
             kind = FIXED_OPS_REASONS.get(node.op_type)
             if node.domain not in ("", "ai.onnx"):
@@ -92,6 +98,21 @@ class DependencyGraph:
                 BlockKind.UNKNOWN_SHAPE if isinstance(exc, ShapeUnknown) else BlockKind.RULE_ERROR)
             detail = exc.detail if isinstance(exc, Unmappable) else f"{type(exc).__name__}: {exc}"
             self.block_inputs(node, kind, detail)
+
+    def _follow_shape_values(self, node: NodeProto) -> None:
+        """Propagate run-time shape provenance; a channel count read by anything we cannot follow
+        (arithmetic, Range, ConstantOfShape...) is fixed from then on."""
+        reads = [i for i in node.input if i in self.shape_values]
+        if node.op_type != "Shape" and not reads:
+            return
+        if node.op_type in shapeflow.PROPAGATING and shapeflow.propagate(node, self):
+            return
+        if node.op_type in SHAPE_CONSUMERS:
+            return
+        for name in reads:
+            for ref in shapeflow.tracked_refs(self, self.shape_values[name]):
+                self.block(self.tracked(ref.tensor)[ref.axis], BlockKind.SHAPE_NOT_REWRITABLE, node,
+                           f"computes with the run-time channel count of '{ref.tensor}' (axis {ref.axis})")
 
     def _block_captures(self, node: NodeProto) -> None:
         """Tensors read inside If/Loop/Scan bodies are fixed: we never rewrite subgraphs."""

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import numpy as np
 from onnx import NodeProto
 
+from graphprune import shapeflow
 from graphprune.elements import Labels
 from graphprune.onnxutil import attr, ints
 from graphprune.reasons import BlockKind, Unmappable
-from graphprune.rules.common import axes_of, passthrough, remap, union_blocks
+from graphprune.rules.common import axes_of, passthrough, remap
 from graphprune.rules.registry import Rule, register
+from graphprune.shapeflow import ConstRef, DimRef
 
 if TYPE_CHECKING:
     from graphprune.depgraph import DependencyGraph
@@ -26,13 +29,14 @@ if TYPE_CHECKING:
 class AxisMap:
     """Where input channel axis `axis` lands in a reshape's output.
 
-    kind "keep": same channels on `out_axis`; "split": `out_axis` holds units of `block` channels
-    (heads); "merge": `out_axis` holds the input axes `first..last` flattened (Flatten blocks).
+    kind "keep": same channels on `out_axis`; "split": the channels spread over the output axes
+    `span`, of which `out_axis` is tracked and the others are fused into its units (heads);
+    "merge": `out_axis` holds the input axes `first..last` flattened (Flatten blocks).
     """
 
     kind: str
     out_axis: int
-    block: int = 1
+    span: tuple[int, ...] = ()
     first: int = 0
     last: int = 0
 
@@ -52,7 +56,10 @@ def reshape_axis_map(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis
         if len(span) == 1:
             return AxisMap("keep", span[0])
         if span and in_shape[axis] == math.prod(out_shape[b] for b in span):
-            return AxisMap("split", span[0], block=in_shape[axis] // out_shape[span[0]])
+            # (heads, head_dim): heads are the unit; (n_proj, heads, head_dim) of a fused QKV
+            # projection: heads still, fused across q/k/v, so a later Gather of q, k or v keeps them
+            tracked = span[0] if len(span) == 2 else span[-2]
+            return AxisMap("split", tracked, span=tuple(span))
     for b, size in enumerate(out_shape):
         if size > 1 and pout[b] <= before and pout[b + 1] >= after:
             firsts = [i for i in range(axis + 1) if pin[i] == pout[b]]
@@ -61,6 +68,13 @@ def reshape_axis_map(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis
                 return AxisMap("merge", b, first=firsts[-1], last=lasts[0])
             return None
     return None
+
+
+def _fuse_split(g: DependencyGraph, labels: Labels, sizes: list[int], tracked: int) -> Labels:
+    """Fuse all positions sharing an index on the tracked split axis; one label per index."""
+    rows = np.moveaxis(labels.reshape(sizes), tracked, 0).reshape(sizes[tracked], -1)
+    g.union(rows.reshape(-1), np.repeat(rows[:, 0], rows.shape[1]))
+    return rows[:, 0].copy()
 
 
 def merged_labels(in_shape: tuple[int, ...], axis: int, first: int, last: int, labels: Labels) -> Labels:
@@ -80,67 +94,66 @@ def map_reshape(node: NodeProto, g: DependencyGraph, x: str, y: str) -> None:
         if m.kind == "keep":
             g.set_dim(y, m.out_axis, labels)
         elif m.kind == "split":
-            g.set_dim(y, m.out_axis, union_blocks(g, labels, m.block))
+            g.set_dim(y, m.out_axis, _fuse_split(g, labels, [out_shape[b] for b in m.span],
+                                                 m.span.index(m.out_axis)))
         else:
             g.set_dim(y, m.out_axis, merged_labels(in_shape, axis, m.first, m.last, labels))
 
 
-def shape_entry_source(g: DependencyGraph, name: str, index: int) -> tuple[str, int] | None:
-    """The constant (tensor, offset) that holds entry `index` of a shape vector, if any."""
-    if g.is_const(name):
-        return name, index
-    node = g.producer.get(name)
-    if node is None:
-        return None
-    if node.op_type in ("Cast", "Identity"):
-        return shape_entry_source(g, node.input[0], index)
-    if node.op_type == "Concat":
-        offset = 0
-        for piece in node.input:
-            n = g.shape(piece)[0] if g.rank(piece) else 1
-            if index < offset + n:
-                return shape_entry_source(g, piece, index - offset)
-            offset += n
-    return None
+def _follows(y_labels: Labels, x_labels: Labels, factor: Fraction) -> bool:
+    """y's positions are x's channels, each exactly `factor` times: sizes stay in step when pruned."""
+    if factor.denominator != 1:
+        return False
+    ux, cx = np.unique(x_labels, return_counts=True)
+    uy, cy = np.unique(y_labels, return_counts=True)
+    return bool(np.array_equal(ux, uy) and np.array_equal(cy, cx * factor.numerator))
 
 
-def _entries(tracked: dict[int, Labels], axes: list[int] | None) -> list[tuple[int, int]]:
-    """(output axis, entry index) of each tracked axis the shape vector holds an entry for.
-
-    `axes` are the output axes the vector describes, in order: all of them by default, only the
-    trailing ones for Expand (right-aligned), the listed ones for Resize's `axes` attribute.
-    """
-    if axes is None:
-        return [(a, a) for a in tracked]
-    return [(a, axes.index(a)) for a in tracked if a in axes]
+def _described_axes(g: DependencyGraph, y: str, axes: list[int] | None) -> list[int]:
+    """Output axes a shape vector describes, in order: all by default, fewer for Expand/Resize."""
+    return list(range(g.rank(y))) if axes is None else axes
 
 
 def check_shape_entries(node: NodeProto, g: DependencyGraph, shape_input: str, y: str,
                         axes: list[int] | None = None) -> None:
-    """Every entry of a shape vector that fixes a tracked output axis must be rewritable."""
-    for _, entry in _entries(g.tracked(y), axes):
-        source = shape_entry_source(g, shape_input, entry)
-        if source is None:
+    """Every entry of a shape vector must stay right when channels go.
+
+    A constant entry of a shrinking axis is rewritten at surgery; a run-time read of a channel
+    count is right only where exactly those channels land (it shrinks with them); anything else
+    that depends on a channel count, or fixes a shrinking axis at run time, blocks.
+    """
+    values = shapeflow.entries(g, shape_input)
+    y_tracked = g.tracked(y)
+    for i, axis in enumerate(_described_axes(g, y, axes)):
+        entry = values[i] if values is not None and i < len(values) else None
+        labels = y_tracked.get(axis)
+        if isinstance(entry, DimRef) and (ref := g.tracked(entry.tensor).get(entry.axis)) is not None:
+            if labels is not None and _follows(labels, ref, entry.factor):
+                continue
+            g.block(ref, BlockKind.SHAPE_NOT_REWRITABLE, node,
+                    f"entry {i} of '{shape_input}' is computed from the channel count of '{entry.tensor}'")
+            if labels is not None:
+                raise Unmappable(BlockKind.SHAPE_NOT_REWRITABLE, f"entry {i} of '{shape_input}' would not follow")
+        elif labels is not None and not isinstance(entry, ConstRef):
             raise Unmappable(BlockKind.SHAPE_NOT_REWRITABLE,
-                             f"entry {entry} of shape '{shape_input}' is computed at run time")
+                             f"entry {i} of shape '{shape_input}' is fixed at run time")
 
 
 def rewrite_shape_entries(sx: SurgeryContext, shape_input: str, y: str, keep: frozenset[int],
                           axes: list[int] | None = None) -> None:
     """Write the new sizes of `y`'s tracked axes into the constants behind `shape_input`.
 
-    Entries whose value is in `keep` (-1 = infer, 0 = copy, 1 = broadcast) adapt by themselves.
+    Entries whose value is in `keep` (-1 = infer, 0 = copy, 1 = broadcast) adapt by themselves, and
+    so do run-time reads of the same channels.
     """
     new = sx.new_shape(y)
-    for axis, entry in _entries(sx.graph.tracked(y), axes):
-        source = shape_entry_source(sx.graph, shape_input, entry)
-        assert source is not None, "checked at analysis"
-        name, offset = source
-        values = sx.const(name).copy()
-        flat = values.reshape(-1)
-        if int(flat[offset]) not in keep:
-            flat[offset] = new[axis]
-            sx.set_const(name, values)
+    values = shapeflow.entries(sx.graph, shape_input) or []
+    for i, axis in enumerate(_described_axes(sx.graph, y, axes)):
+        entry = values[i] if i < len(values) else None
+        if axis in sx.graph.tracked(y) and isinstance(entry, ConstRef) and entry.value not in keep:
+            const = sx.const(entry.tensor).copy()
+            const.reshape(-1)[entry.offset] = new[axis]
+            sx.set_const(entry.tensor, const)
 
 
 @register("Reshape")
@@ -149,10 +162,11 @@ class ReshapeRule(Rule):
         x, y = node.input[0], node.output[0]
         map_reshape(node, g, x, y)
         check_shape_entries(node, g, node.input[1], y)
-        for axis in g.tracked(y):
-            source = shape_entry_source(g, node.input[1], axis)
-            if source is not None and int(g.const(source[0]).reshape(-1)[source[1]]) == 0 \
-                    and not np.array_equal(g.tracked(x).get(axis, np.empty(0)), g.tracked(y)[axis]):
+        values = shapeflow.entries(g, node.input[1]) or []
+        for axis, labels in g.tracked(y).items():
+            entry = values[axis] if axis < len(values) else None
+            if isinstance(entry, ConstRef) and entry.value == 0 \
+                    and not np.array_equal(g.tracked(x).get(axis, np.empty(0)), labels):
                 raise Unmappable(BlockKind.SHAPE_NOT_REWRITABLE, f"entry {axis} copies a different input axis")
 
     def rewrite(self, node: NodeProto, sx: SurgeryContext) -> None:
@@ -230,34 +244,8 @@ class TileRule(Rule):
 
 @register("Shape")
 class ShapeRule(Rule):
-    """Run-time shape reads are safe only when no reader looks at a channel axis's size."""
+    """Shape has no channels of its own; what its readers do with a channel count is followed by
+    `graphprune.shapeflow` and judged where the value lands (see `check_shape_entries`)."""
 
     def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
-        x = node.input[0]
-        rank = g.rank(x)
-        start, end = _clamp_axis(int(attr(node, "start", 0)), rank), _clamp_axis(int(attr(node, "end", rank)), rank)
-        tracked = [a - start for a in g.tracked(x) if start <= a < end]
-        if not tracked:
-            return
-        for user in g.users.get(node.output[0], []):
-            read = _entries_read(user, g)
-            if read is None or set(read) & set(tracked):
-                raise Unmappable(BlockKind.SHAPE_NOT_REWRITABLE,
-                                 f"'{user.name or user.op_type}' reads the run-time size of a channel axis")
-
-
-def _clamp_axis(index: int, rank: int) -> int:
-    """Shape's start/end: negative counts from the back, then clamped to [0, rank] (not modulo)."""
-    return min(max(index + rank if index < 0 else index, 0), rank)
-
-
-def _entries_read(user: NodeProto, g: DependencyGraph) -> list[int] | None:
-    """Entries of a shape vector that `user` reads (negative indices normalised), None if unknown."""
-    if user.op_type == "Gather" and g.is_const(user.input[1]) and int(attr(user, "axis", 0)) == 0:
-        length = g.shape(user.input[0])[0]
-        return [i % length for i in ints(g.const(user.input[1]))]
-    if user.op_type == "Slice" and len(user.input) > 2 and all(g.is_const(i) for i in user.input[1:] if i):
-        starts, ends = ints(g.const(user.input[1])), ints(g.const(user.input[2]))
-        steps = ints(g.const(user.input[4])) if len(user.input) > 4 and user.input[4] else [1]
-        return list(range(g.shape(user.input[0])[0]))[slice(starts[0], ends[0], steps[0])]
-    return None
+        return None
