@@ -100,12 +100,15 @@ def map_reshape(node: NodeProto, g: DependencyGraph, x: str, y: str) -> None:
             g.set_dim(y, m.out_axis, merged_labels(in_shape, axis, m.first, m.last, labels))
 
 
-def _follows(y_labels: Labels, x_labels: Labels, factor: Fraction) -> bool:
-    """y's positions are x's channels, each exactly `factor` times: sizes stay in step when pruned."""
+def _follows(g: DependencyGraph, y_labels: Labels, x_labels: Labels, factor: Fraction) -> bool:
+    """y's positions are x's units, each exactly `factor` times as often: sizes stay in step.
+
+    Compared on current union-find roots; later unions merge counts on both sides alike.
+    """
     if factor.denominator != 1:
         return False
-    ux, cx = np.unique(x_labels, return_counts=True)
-    uy, cy = np.unique(y_labels, return_counts=True)
+    ux, cx = np.unique([g.pool.find(int(e)) for e in x_labels], return_counts=True)
+    uy, cy = np.unique([g.pool.find(int(e)) for e in y_labels], return_counts=True)
     return bool(np.array_equal(ux, uy) and np.array_equal(cy, cx * factor.numerator))
 
 
@@ -128,7 +131,7 @@ def check_shape_entries(node: NodeProto, g: DependencyGraph, shape_input: str, y
         entry = values[i] if values is not None and i < len(values) else None
         labels = y_tracked.get(axis)
         if isinstance(entry, DimRef) and (ref := g.tracked(entry.tensor).get(entry.axis)) is not None:
-            if labels is not None and _follows(labels, ref, entry.factor):
+            if labels is not None and _follows(g, labels, ref, entry.factor):
                 continue
             g.block(ref, BlockKind.SHAPE_NOT_REWRITABLE, node,
                     f"entry {i} of '{shape_input}' is computed from the channel count of '{entry.tensor}'")
