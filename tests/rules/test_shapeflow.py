@@ -8,13 +8,13 @@ shapes only exist at run time would be); the real TorchScript exports in the zoo
 from __future__ import annotations
 
 import onnx
+from rules.helpers import Net
 
 from graphprune.depgraph import DependencyGraph
 from graphprune.groups import Group, Grouping, build_groups
 from graphprune.inputs import signature
 from graphprune.reasons import BlockKind
 from graphprune.shapes import resolve_shapes
-from rules.helpers import Net
 
 
 def _raw(model: onnx.ModelProto) -> tuple[DependencyGraph, Grouping]:
