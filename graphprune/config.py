@@ -11,10 +11,14 @@ Target = Literal["channels", "params", "flops"]
 Criterion = Literal["l1", "l2", "random", "bn", "lamp"]
 Reduction = Literal["mean", "sum", "max", "prod"]
 Normalizer = Literal["mean", "max", "sum", "none"]
+Compensation = Literal["obs", "none"]
+HessianSource = Literal["auto", "synthetic", "calibration", "identity"]
 
 TARGETS: tuple[str, ...] = ("channels", "params", "flops")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "max", "prod")
 NORMALIZERS: tuple[str, ...] = ("mean", "max", "sum", "none")
+COMPENSATIONS: tuple[str, ...] = ("obs", "none")
+HESSIAN_SOURCES: tuple[str, ...] = ("auto", "synthetic", "calibration", "identity")
 
 
 @dataclass
@@ -39,6 +43,11 @@ class PruneConfig:
     latency_runs: int = 5
     max_model_bytes: int = 4 * 1024**3
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    compensate: Compensation = "none"
+    calibration: str | None = None  # .npz of real inputs (arrays named like the model's inputs)
+    samples: int = 128  # synthetic samples used to estimate each consumer's input statistics
+    hessian_source: HessianSource = "auto"
+    damping: float = 0.01  # fraction of the mean diagonal added to H
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -55,6 +64,15 @@ class PruneConfig:
             raise UsageError(f"max_group_sparsity must be in (0, 1], got {self.max_group_sparsity}")
         if self.min_channels < 1:
             raise UsageError(f"min_channels must be >= 1, got {self.min_channels}")
+        if self.compensate not in COMPENSATIONS:
+            raise UsageError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {self.compensate!r}")
+        if self.hessian_source not in HESSIAN_SOURCES:
+            raise UsageError(f"hessian_source must be one of {', '.join(HESSIAN_SOURCES)}, "
+                             f"got {self.hessian_source!r}")
+        if self.samples < 1:
+            raise UsageError(f"samples must be >= 1, got {self.samples}")
+        if not 0.0 <= self.damping < 10.0:
+            raise UsageError(f"damping must be in [0, 10), got {self.damping}")
         if self.latency_runs < 0:
             raise UsageError(f"latency_runs must be >= 0, got {self.latency_runs}")
 
