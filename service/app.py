@@ -1,0 +1,60 @@
+"""The ASGI app: `create_app(settings)` wires routes, problem handlers, metrics and the lifespan
+(recover and start on the way up, drain on the way down)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from graphprune import __version__
+from service import api, problems
+from service.metrics import Metrics, RequestCounter
+from service.runtime import Runtime
+from service.settings import Settings
+
+DESCRIPTION = """Prune ONNX models over HTTP. `POST /v1/jobs` with the model as the body, follow
+`Location` (or its `/events`), then download `/result` and `/report`. Errors are
+`application/problem+json`."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = await Runtime.start(settings, metrics)
+        app.state.runtime = rt
+        try:
+            yield
+        finally:
+            rt.closing = True
+            await rt.stop()
+            app.state.runtime = None
+
+    app = FastAPI(title="graphprune", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.add_middleware(RequestCounter, metrics=metrics)
+    problems.install(app)
+    app.include_router(api.jobs)
+    app.include_router(api.health)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {})["ProblemBody"] = problems.ProblemBody.model_json_schema()
+            if settings.api_token is None:  # this server takes no token: say so, or clients will send one
+                components.pop("securitySchemes", None)
+                for operations in schema["paths"].values():
+                    for operation in operations.values():
+                        operation.pop("security", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,119 @@
+"""Pruning options from a request, checked at submit time by the library itself.
+
+Nothing here lists the options: names, types and rules come from `PruneConfig` (its fields for
+coercing query-string text, `PruneConfig.from_dict` for unknown names and ranges), so an option
+the library adds is accepted by the API the day it lands.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import fields
+from functools import cache
+from typing import Any, get_origin, get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
+
+from graphprune.config import PruneConfig
+from graphprune.errors import GraphpruneError
+from graphprune.importance import criterion
+from service.problems import Problem
+
+CONFIG_PARAM = "config"  # a JSON object of options; single options given beside it win
+# Options that name files on the machine that runs the job: a client must not point at the server's.
+SERVER_PATH_OPTIONS = frozenset({"calibration"})
+
+
+@cache
+def _types() -> dict[str, Any]:
+    hints = get_type_hints(PruneConfig)
+    return {f.name: hints[f.name] for f in fields(PruneConfig)}
+
+
+@cache
+def _adapter(name: str) -> TypeAdapter[Any]:
+    return TypeAdapter(_types()[name])
+
+
+def parse(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Options from NAME=VALUE text (query string, form fields), `config` being a JSON object of them."""
+    texts: dict[str, list[str]] = {}
+    for name, value in pairs:
+        texts.setdefault(name, []).append(value)
+    configs = texts.pop(CONFIG_PARAM, [])
+    if len(configs) > 1:
+        raise Problem(422, f"{CONFIG_PARAM!r} was given {len(configs)} times; give one JSON object")
+    options = _config_object(configs[0]) if configs and configs[0].strip() else {}
+    options.update({name: _from_text(name, values) for name, values in texts.items()})
+    return validate(options)
+
+
+def validate(options: dict[str, Any]) -> dict[str, Any]:
+    """Coerce to the option types and run the library's checks; 422 names what is wrong."""
+    forbidden = sorted(SERVER_PATH_OPTIONS & set(options))
+    if forbidden:
+        raise Problem(422, f"option(s) {', '.join(forbidden)} name files on the server and cannot be set "
+                           "through the API")
+    types = _types()
+    coerced: dict[str, Any] = {}
+    for name, value in options.items():
+        if name not in types:
+            coerced[name] = value  # left for from_dict, which names every unknown option
+            continue
+        try:
+            coerced[name] = _adapter(name).validate_python(value)
+        except ValidationError as exc:
+            msg = "; ".join(e["msg"] for e in exc.errors(include_url=False))
+            raise Problem(422, f"option {name!r}: {msg} (got {value!r})") from None
+    try:
+        config = PruneConfig.from_dict(coerced)
+        criterion(config.criterion)  # PruneConfig does not check this name itself
+    except GraphpruneError as exc:
+        raise Problem(422, str(exc)) from None
+    return coerced
+
+
+def _config_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise Problem(422, f"{CONFIG_PARAM!r} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise Problem(422, f"{CONFIG_PARAM!r} must be a JSON object of options, got {type(value).__name__}")
+    return value
+
+
+def _from_text(name: str, values: list[str]) -> Any:
+    """Text as the option's type expects it: lists repeat the parameter, mappings are JSON."""
+    kind = get_origin(_types().get(name))
+    if kind is list:
+        return values
+    if len(values) > 1:
+        raise Problem(422, f"option {name!r} was given {len(values)} times; give it once")
+    if kind is dict:
+        try:
+            return json.loads(values[0])
+        except json.JSONDecodeError:
+            raise Problem(422, f"option {name!r} must be a JSON object, got {values[0]!r}") from None
+    return values[0]
+
+
+def openapi_parameters() -> list[dict[str, Any]]:
+    """Query parameters for every settable option, derived from PruneConfig."""
+    params: list[dict[str, Any]] = [{
+        "name": CONFIG_PARAM, "in": "query", "required": False,
+        "description": "JSON object of options; the single options below override its keys",
+        "schema": {"type": "string"},
+    }]
+    defaults = PruneConfig()
+    for name, hint in _types().items():
+        if name in SERVER_PATH_OPTIONS:
+            continue
+        default = getattr(defaults, name)
+        if get_origin(hint) is dict:
+            schema = {"type": "string", "description": "a JSON object", "default": json.dumps(default)}
+        else:
+            schema = {**_adapter(name).json_schema(), "default": default}
+        params.append({"name": name, "in": "query", "required": False, "schema": schema})
+    return params
