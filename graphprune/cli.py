@@ -1,8 +1,9 @@
-"""Command line: `graphprune prune`, `graphprune inspect`, `graphprune demo`.
+"""Command line: `graphprune prune`, `inspect`, `demo`, and `serve` / `submit` for the HTTP service.
 
 Exit codes (a contract other tools rely on):
   0 success · 1 unexpected internal error · 2 usage error · 3 invalid or unsafe model ·
   4 target impossible · 5 the pruned model failed validation (nothing was written)
+`submit` returns the same codes for the remote job (1 also when the server cannot be reached).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from graphprune import __version__
 from graphprune.api import analyze, prune
+from graphprune.client import DEFAULT_URL
 from graphprune.config import TARGETS, PruneConfig
 from graphprune.errors import GraphpruneError, UsageError
 from graphprune.importance import CRITERIA
@@ -43,6 +45,37 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="prune a model", epilog=EPILOG)
     pr.add_argument("input", type=Path)
     pr.add_argument("output", type=Path)
+    _add_prune_options(pr)
+
+    ins = sub.add_parser("inspect", help="show groups, why some cannot be pruned, params and FLOPs")
+    ins.add_argument("input", type=Path)
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--members", action="store_true", help="list every group's parameter members")
+    ins.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=D1,D2,...")
+
+    demo = sub.add_parser("demo", help="prune a bundled demo model and show the report")
+    demo.add_argument("--out", type=Path, default=Path("graphprune-demo"))
+    demo.add_argument("--sparsity", type=float, default=0.3)
+
+    srv = sub.add_parser("serve", help="run the HTTP jobs service (settings: GRAPHPRUNE_* variables, see README)")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--data-dir", type=Path,
+                     help="jobs database and files (default $GRAPHPRUNE_DATA_DIR, else ~/.local/share/graphprune)")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    sb = sub.add_parser("submit", help="prune on a graphprune server, with a progress bar", epilog=EPILOG)
+    sb.add_argument("input", type=Path)
+    sb.add_argument("output", type=Path)
+    sb.add_argument("--server", help=f"server URL (default $GRAPHPRUNE_URL, else {DEFAULT_URL})")
+    sb.add_argument("--token", help="bearer token (default $GRAPHPRUNE_API_TOKEN)")
+    sb.add_argument("--timeout", type=float, help="stop waiting after this many seconds (the job goes on)")
+    _add_prune_options(sb)
+    return p
+
+
+def _add_prune_options(pr: argparse.ArgumentParser) -> None:
+    """The pruning options `prune` and `submit` share."""
     pr.add_argument("--sparsity", type=float, required=True, help="fraction of the target to remove, [0, 1)")
     pr.add_argument("--target", choices=TARGETS, default="channels")
     pr.add_argument("--criterion", choices=sorted(CRITERIA), default="l2")
@@ -63,42 +96,74 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--latency-runs", type=int, default=5)
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
-    ins = sub.add_parser("inspect", help="show groups, why some cannot be pruned, params and FLOPs")
-    ins.add_argument("input", type=Path)
-    ins.add_argument("--json", action="store_true", help="machine-readable output")
-    ins.add_argument("--members", action="store_true", help="list every group's parameter members")
-    ins.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=D1,D2,...")
 
-    demo = sub.add_parser("demo", help="prune a bundled demo model and show the report")
-    demo.add_argument("--out", type=Path, default=Path("graphprune-demo"))
-    demo.add_argument("--sparsity", type=float, default=0.3)
-    return p
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "sparsity": args.sparsity, "target": args.target, "criterion": args.criterion,
+        "global_ranking": args.global_ranking, "round_to": args.round_to,
+        "max_group_sparsity": args.max_group_sparsity, "min_channels": args.min_channels,
+        "exclude": list(args.exclude), "seed": args.seed, "validate": args.validate,
+        "latency_runs": args.latency_runs, "input_shapes": dict(args.input_shape),
+    }
+
+
+def _progress_bar(quiet: bool) -> tqdm[Any]:
+    return tqdm(total=100, desc="pruning", unit="%", disable=quiet, leave=False,
+                bar_format="{desc:<18}{bar}| {n:.0f}%")
+
+
+def _advance(bar: tqdm[Any]) -> Callable[[str, float], None]:
+    def progress(stage: str, frac: float) -> None:
+        bar.set_description_str(stage)
+        bar.update(frac * 100 - bar.n)
+
+    return progress
 
 
 def _prune(args: argparse.Namespace) -> int:
-    cfg = PruneConfig(
-        sparsity=args.sparsity, target=args.target, criterion=args.criterion,
-        global_ranking=args.global_ranking, round_to=args.round_to,
-        max_group_sparsity=args.max_group_sparsity, min_channels=args.min_channels,
-        exclude=list(args.exclude), seed=args.seed, validate=args.validate,
-        latency_runs=args.latency_runs, input_shapes=dict(args.input_shape),
-    )
+    cfg = PruneConfig.from_dict(_options(args))
     if not args.input.is_file():
         raise UsageError(f"input model not found: {args.input}")
-    with tqdm(total=100, desc="pruning", unit="%", disable=args.quiet, leave=False,
-              bar_format="{desc:<18}{bar}| {n:.0f}%") as bar:
-        def progress(stage: str, frac: float) -> None:
-            bar.set_description_str(stage)
-            bar.update(frac * 100 - bar.n)
-
-        result = prune(args.input, cfg, progress=progress)
+    with _progress_bar(args.quiet) as bar:
+        result = prune(args.input, cfg, progress=_advance(bar))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     result.save(args.output)
     if args.report:
         args.report.write_text(result.report.to_json())
+    _done(args, result.report.summary())
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from graphprune.client import Client
+    from graphprune.report import Report
+
+    if not args.input.is_file():
+        raise UsageError(f"input model not found: {args.input}")
+    with Client(args.server, token=args.token) as client, _progress_bar(args.quiet) as bar:
+        report = client.prune(args.input, args.output, _options(args), timeout=args.timeout, progress=_advance(bar))
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=2))
+    known = Report.__dataclass_fields__  # a server of another version may report more
+    _done(args, Report(**{k: v for k, v in report.items() if k in known}).summary())
+    return 0
+
+
+def _done(args: argparse.Namespace, summary: str) -> None:
     if not args.quiet:
-        print(result.report.summary())
+        print(summary)
         print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings.from_env(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
     return 0
 
 
@@ -144,7 +209,7 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    handlers = {"prune": _prune, "inspect": _inspect, "demo": _demo}
+    handlers = {"prune": _prune, "inspect": _inspect, "demo": _demo, "serve": _serve, "submit": _submit}
     try:
         return handlers[args.command](args)
     except GraphpruneError as exc:

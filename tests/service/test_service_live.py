@@ -1,0 +1,100 @@
+"""Through a real uvicorn on 127.0.0.1: server-sent events, the Python client, `graphprune submit`,
+and the README's Service examples exactly as written (only the port differs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import onnx
+import pytest
+from service_testing import DEMO, OCTET, live_server
+
+from graphprune.cli import main
+from graphprune.client import Client, JobFailedError, ServiceError
+from service.settings import Settings
+
+Make = Callable[..., Settings]
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_events_stream_progress_until_the_job_ends(settings: Make) -> None:
+    with live_server(settings(worker_stage_delay_s=0.25)) as url, httpx.Client(base_url=url) as http:
+        job = http.post("/v1/jobs?latency_runs=0", content=DEMO, headers=OCTET).json()
+        events = []
+        with http.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=30) as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            events = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
+        stages = [e["stage"] for e in events]
+        assert events[-1]["status"] == "succeeded" and stages[-1] == "done"
+        assert {"analyze", "select", "validate"} <= set(stages)
+        progress = [e["progress"] for e in events]
+        assert progress == sorted(progress)
+
+
+def test_client_round_trip_and_cancel(settings: Make, tmp_path: Path) -> None:
+    model = tmp_path / "model.onnx"
+    model.write_bytes(DEMO)
+    with live_server(settings()) as url, Client(url) as client:
+        seen: list[str] = []
+        report = client.prune(model, tmp_path / "out.onnx", {"sparsity": 0.3}, latency_runs=0,
+                              progress=lambda stage, _: seen.append(stage))
+        assert report["groups"]["pruned"] > 0 and seen[-1] == "done"
+        onnx.checker.check_model(onnx.load(str(tmp_path / "out.onnx")), full_check=True)
+        with pytest.raises(ServiceError) as refused:
+            client.submit(b"not a model")
+        assert refused.value.status == 400 and refused.value.exit_code == 3
+        with pytest.raises(ServiceError) as invalid:
+            client.submit(model, sparsity=7)
+        assert invalid.value.status == 422 and invalid.value.exit_code == 2
+        assert "sparsity" in invalid.value.problem["detail"]
+    with live_server(settings(worker_stage_delay_s=60)) as url, Client(url) as client:
+        job = client.submit(DEMO)
+        cancelled = client.cancel(job["id"])
+        assert cancelled is not None and cancelled["status"] == "cancelled"
+        with pytest.raises(JobFailedError) as failed:
+            client.wait(job["id"])
+        assert failed.value.kind == "Cancelled"
+        assert client.cancel(job["id"]) is None  # a second DELETE removes the record
+        assert job["id"] not in {j["id"] for j in client.jobs()["items"]}
+
+
+def test_cli_submit_exit_codes(settings: Make, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, out, report = tmp_path / "model.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    model.write_bytes(DEMO)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01 not a model")
+    with live_server(settings()) as url:
+        common = ["--server", url, "-q", "--latency-runs", "0"]
+        assert main(["submit", str(model), str(out), "--sparsity", "0.4", "--report", str(report), *common]) == 0
+        assert json.loads(report.read_text())["config"]["sparsity"] == 0.4 and out.is_file()
+        assert main(["submit", str(garbage), str(out), "--sparsity", "0.3", *common]) == 3
+        assert main(["submit", str(model), str(out), "--sparsity", "1.5", *common]) == 2
+        assert main(["submit", str(model), str(out), "--sparsity", "0.99", "--target", "params", *common]) == 4
+        assert "TargetImpossibleError" in capsys.readouterr().err
+    assert main(["submit", str(model), str(out), "--sparsity", "0.3", "--server", url, "-q"]) == 1
+
+
+def _readme_blocks(language: str) -> list[str]:
+    service = README.read_text().split("\n## Service\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", service, re.S)
+
+
+def test_readme_service_examples_work_as_written(settings: Make, tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(DEMO)
+    (bash,), (python,) = _readme_blocks("bash"), _readme_blocks("python")
+    with live_server(settings()) as url:
+        port = url.rsplit(":", 1)[1]
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        for cmd in (["bash", "-euo", "pipefail", "-c", bash], [sys.executable, "-c", python]):
+            run = subprocess.run([c.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for c in cmd], cwd=tmp_path,
+                                 env=env, capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stdout + run.stderr
+    onnx.checker.check_model(onnx.load(str(tmp_path / "model.pruned.onnx")), full_check=True)
+    assert (tmp_path / "model.pruned-50.onnx").is_file()
