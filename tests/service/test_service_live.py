@@ -97,4 +97,5 @@ def test_readme_service_examples_work_as_written(settings: Make, tmp_path: Path)
                                  env=env, capture_output=True, text=True, timeout=120)
             assert run.returncode == 0, run.stdout + run.stderr
     onnx.checker.check_model(onnx.load(str(tmp_path / "model.pruned.onnx")), full_check=True)
+    assert json.loads((tmp_path / "report.json").read_text())["config"]["target"] == "flops"
     assert (tmp_path / "model.pruned-50.onnx").is_file()
