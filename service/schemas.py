@@ -39,12 +39,11 @@ class JobView(BaseModel):
     def of(cls, job: Job) -> JobView:
         base = f"/v1/jobs/{job.id}"
         return cls(
-            id=job.id, status=job.status, stage=job.stage, progress=job.progress,
+            id=job.id, status=job.status, stage=job.stage, progress=job.progress, attempts=job.attempts,
             created_at=datetime.fromtimestamp(job.created_at, UTC), started_at=_time(job.started_at),
-            finished_at=_time(job.finished_at), expires_at=_time(job.expires_at), attempts=job.attempts,
-            options=job.options,
-            input_bytes=job.input_bytes, input_sha256=job.input_sha256, result_bytes=job.result_bytes,
-            result_sha256=job.result_sha256,
+            finished_at=_time(job.finished_at), expires_at=_time(job.expires_at), options=job.options,
+            input_bytes=job.input_bytes, input_sha256=job.input_sha256,
+            result_bytes=job.result_bytes, result_sha256=job.result_sha256,
             error=JobErrorView(**job.error.__dict__) if job.error else None,
             links={"self": base, "result": f"{base}/result", "report": f"{base}/report", "events": f"{base}/events"},
         )
