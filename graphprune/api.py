@@ -5,6 +5,7 @@ The CLI, the service worker and the benchmarks call these and nothing deeper.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -12,9 +13,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from onnx import ModelProto
 
 from graphprune import model as model_io
+from graphprune import runtime
+from graphprune.compensate import Compensation, compensate, input_batches
 from graphprune.config import PruneConfig
 from graphprune.cost import CostModel
 from graphprune.depgraph import DependencyGraph
@@ -25,10 +29,11 @@ from graphprune.report import Report
 from graphprune.select import PrunePlan, Selector
 from graphprune.shapes import resolve_shapes
 from graphprune.surgery import apply_plan, masked_reference
-from graphprune.validate import tensor_dtypes, validate
+from graphprune.validate import relative_error, tensor_dtypes, validate
 
 Source = str | os.PathLike[str] | bytes | ModelProto
 Progress = Callable[[str, float], None]
+SELF_CHECK_BATCHES = 2
 
 
 @dataclass
@@ -114,17 +119,43 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     lap("score", 0.4)
     plan = Selector(an.graph, an.grouping, scores, an.cost, cfg).select()
     lap("select", 0.5)
-    pruned = apply_plan(an.graph, plan.removed_root)
-    pruned = model_io.infer_shapes(pruned)
-    lap("surgery", 0.6)
+    plain = model_io.infer_shapes(apply_plan(an.graph, plan.removed_root))
+    pruned, comp = plain, Compensation()
+    if cfg.compensate == "obs" and plan.removed:
+        comp = compensate(an.graph, plan.removed_root[an.grouping.roots], an.specs, cfg)
+        lap("compensate", 0.7)
+        if comp.overrides:
+            pruned = _self_checked(an, cfg, plain, plan.removed_root, comp)
+    lap("surgery", 0.8)
     validation: dict[str, Any] = {}
     if cfg.validate:
         reference = masked_reference(an.graph, plan.removed_root, tensor_dtypes(an.model))
-        validation = validate(an.model, pruned, reference, make_feeds(an.specs, cfg.seed), cfg.latency_runs)
+        validation = validate(an.model, pruned, make_feeds(an.specs, cfg.seed), cfg.latency_runs,
+                              equivalence=(reference, plain))
         lap("validate", 1.0)
     report = _report(an, cfg, plan, validation, timings)
+    report.compensation = comp.to_dict()
     step("done", 1.0)
     return PruneResult(pruned, report, plan)
+
+
+def _self_checked(an: Analysis, cfg: PruneConfig, plain: ModelProto, removed_root: NDArray[np.bool_],
+                  comp: Compensation) -> ModelProto:
+    """Keep the compensation only if it brings the outputs closer to the dense model on inputs it
+    was not fitted on: a wrong H can be worse than none."""
+    compensated = model_io.infer_shapes(apply_plan(an.graph, removed_root, comp.overrides))
+    _, feeds = input_batches(an.model, an.specs, cfg, "blobs", cfg.seed + 7919)
+    checks = list(itertools.islice(feeds, SELF_CHECK_BATCHES))
+    dense, sess_plain, sess_comp = (runtime.session(m) for m in (an.model, plain, compensated))
+    err_plain = err_comp = 0.0
+    for batch in checks:
+        ref = runtime.run(dense, batch)
+        err_plain += relative_error(ref, runtime.run(sess_plain, batch))
+        err_comp += relative_error(ref, runtime.run(sess_comp, batch))
+    comp.self_check = {"relative_error_uncompensated": err_plain / len(checks),
+                       "relative_error_compensated": err_comp / len(checks)}
+    comp.applied = err_comp <= err_plain
+    return compensated if comp.applied else plain
 
 
 def _report(an: Analysis, cfg: PruneConfig, plan: PrunePlan, validation: dict[str, Any],

@@ -43,7 +43,7 @@ class PruneConfig:
     latency_runs: int = 5
     max_model_bytes: int = 4 * 1024**3
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
-    compensate: Compensation = "none"
+    compensate: Compensation = "obs"
     calibration: str | None = None  # .npz of real inputs (arrays named like the model's inputs)
     samples: int = 128  # synthetic samples used to estimate each consumer's input statistics
     hessian_source: HessianSource = "auto"

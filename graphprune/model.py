@@ -680,7 +680,7 @@ def _write_external(tensor: TensorProto, f: IO[bytes], location: str) -> TensorP
 # --------------------------------------------------------------------------- shape inference
 
 
-def _inference_view(model: ModelProto) -> ModelProto:
+def inference_view(model: ModelProto) -> ModelProto:
     """The model as shape inference needs it: small initializers keep their data (shape tensors),
     large ones become typed graph inputs, so no weight bytes are copied or serialized."""
     skeleton = _without_initializers(model)
@@ -697,7 +697,7 @@ def _inference_view(model: ModelProto) -> ModelProto:
 def _inferred(model: ModelProto) -> ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(
-            _inference_view(model), check_type=True, strict_mode=True, data_prop=True
+            inference_view(model), check_type=True, strict_mode=True, data_prop=True
         )
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
         raise InvalidModelError(

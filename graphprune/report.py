@@ -17,6 +17,7 @@ class Report:
     groups: dict[str, Any]
     validation: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    compensation: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,5 +53,12 @@ class Report:
             eq = v.get("equivalence")
             if eq:
                 lines.append(f"equivalence with the masked original: {'passed' if eq['passed'] else 'FAILED'}")
+        c = self.compensation
+        if c.get("method") == "obs":
+            check = c.get("self_check", {})
+            state = "applied" if c.get("applied") else "NOT applied (it did not help on held-out inputs)"
+            lines.append(f"OBS compensation {state}: {len(c['layers'])} layers, H from {c['source']}, "
+                         f"held-out rel. error {check.get('relative_error_uncompensated', 0):.3g} -> "
+                         f"{check.get('relative_error_compensated', 0):.3g}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)

@@ -11,6 +11,7 @@ from onnx import ModelProto, ValueInfoProto
 
 from graphprune import runtime
 from graphprune.inputs import InputSpec, fix_input_dims, make_feeds
+from graphprune.model import inference_view
 
 
 def _concrete(vi: ValueInfoProto) -> tuple[int, ...] | None:
@@ -23,22 +24,22 @@ def _concrete(vi: ValueInfoProto) -> tuple[int, ...] | None:
 
 
 def resolve_shapes(model: ModelProto, specs: list[InputSpec]) -> dict[str, tuple[int, ...]]:
-    fixed = fix_input_dims(model, specs)
+    view = fix_input_dims(inference_view(model), specs)  # no weight bytes copied or serialized
     try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(view, strict_mode=False, data_prop=True)
     except Exception:  # inference is an optimisation here; the run below covers what it misses
-        inferred = fixed
+        inferred = view
     shapes: dict[str, tuple[int, ...]] = {}
     g = inferred.graph
     for vi in [*g.input, *g.value_info, *g.output]:
         s = _concrete(vi)
         if s is not None:
             shapes[vi.name] = s
-    for t in g.initializer:
+    for t in model.graph.initializer:
         shapes[t.name] = tuple(int(d) for d in t.dims)
     missing = [o for n in g.node for o in n.output if o and o not in shapes]
     if missing:
-        shapes.update(_run_for_shapes(fixed, specs, missing))
+        shapes.update(_run_for_shapes(fix_input_dims(model, specs), specs, missing))
     return shapes
 
 

@@ -62,18 +62,21 @@ class SurgeryContext:
         return name
 
 
-def apply_plan(graph: DependencyGraph, removed_root: NDArray[np.bool_]) -> ModelProto:
+def apply_plan(graph: DependencyGraph, removed_root: NDArray[np.bool_],
+               overrides: dict[str, NDArray[Any]] | None = None) -> ModelProto:
+    """The pruned model; `overrides` replace initializer values first (compensated weights)."""
     model = ModelProto()
     model.CopyFrom(graph.model)
     sx = SurgeryContext(graph, removed_root)
+    overrides = overrides or {}
     for name in graph.initializers:
-        value = graph.const(name)
+        value = overrides.get(name, graph.const(name))
         sliced = value
         for axis in graph.tracked(name):
             keep = sx.keep(name, axis)
             if keep is not None and not keep.all():
                 sliced = np.compress(keep, sliced, axis=axis)
-        if sliced is not value:
+        if sliced is not graph.const(name):
             sx.set_const(name, sliced)
     for node in model.graph.node:
         rule = rule_for(node)

@@ -15,6 +15,7 @@ from onnx import ModelProto
 
 from graphprune import runtime
 from graphprune.errors import InvalidModelError, ValidationFailedError
+from graphprune.model import inference_view
 
 EQUIVALENCE_RTOL = 1e-3
 EQUIVALENCE_ATOL = 1e-4
@@ -28,7 +29,7 @@ def check(model: ModelProto) -> None:
 
 
 def tensor_dtypes(model: ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    inferred = onnx.shape_inference.infer_shapes(inference_view(model), strict_mode=False)
     g = inferred.graph
     out = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]}
     out.update({t.name: t.data_type for t in g.initializer})
@@ -56,6 +57,17 @@ def fidelity(ref: dict[str, NDArray[Any]], got: dict[str, NDArray[Any]]) -> list
             row["exact_match"] = float((r == g).mean()) if r.size else 1.0
         rows.append(row)
     return rows
+
+
+def relative_error(ref: dict[str, NDArray[Any]], got: dict[str, NDArray[Any]]) -> float:
+    """Σ‖got − ref‖² / Σ‖ref‖² over the floating-point outputs."""
+    num = den = 0.0
+    for name, r in ref.items():
+        if np.issubdtype(r.dtype, np.floating):
+            a = r.astype(np.float64)
+            num += float(((got[name].astype(np.float64) - a) ** 2).sum())
+            den += float((a**2).sum())
+    return num / den if den else 0.0
 
 
 def equivalent(ref: dict[str, NDArray[Any]], got: dict[str, NDArray[Any]]) -> tuple[bool, float]:
@@ -87,9 +99,13 @@ def latency_ms(sess: ort.InferenceSession, feeds: dict[str, NDArray[Any]], runs:
     return statistics.median(times)
 
 
-def validate(original: ModelProto, pruned: ModelProto, reference: ModelProto | None,
-             feeds: dict[str, NDArray[Any]], latency_runs: int) -> dict[str, Any]:
-    """Run every check; raise ValidationFailedError on anything that makes the model unusable."""
+def validate(original: ModelProto, pruned: ModelProto, feeds: dict[str, NDArray[Any]], latency_runs: int,
+             equivalence: tuple[ModelProto, ModelProto] | None = None) -> dict[str, Any]:
+    """Run every check; raise ValidationFailedError on anything that makes the model unusable.
+
+    `equivalence` = (masked original, uncompensated pruned model): they must agree exactly, which
+    proves the coupling; compensation then changes the kept weights on purpose.
+    """
     check(pruned)
     orig_sess = runtime.session(original)
     try:
@@ -108,9 +124,10 @@ def validate(original: ModelProto, pruned: ModelProto, reference: ModelProto | N
         "latency_ms": {"before": latency_ms(orig_sess, feeds, latency_runs),
                        "after": latency_ms(pruned_sess, feeds, latency_runs)},
     }
-    if reference is not None:
+    if equivalence is not None:
+        reference, plain = equivalence
         masked = runtime.run(runtime.session(reference), feeds)
-        ok, worst = equivalent(masked, got)
+        ok, worst = equivalent(masked, got if plain is pruned else runtime.run(runtime.session(plain), feeds))
         result["equivalence"] = {"passed": ok, "max_rel_err": worst}
         if not ok:
             raise ValidationFailedError(

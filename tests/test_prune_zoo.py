@@ -83,7 +83,7 @@ def test_30_percent_prune_equals_zeroed_original(name: str) -> None:
         with pytest.raises(graphprune.TargetImpossibleError):
             graphprune.prune(original, sparsity=0.3, latency_runs=0)
         return
-    res = graphprune.prune(original, sparsity=0.3, latency_runs=0)
+    res = graphprune.prune(original, sparsity=0.3, latency_runs=0, compensate="none")
     onnx.checker.check_model(res.model, full_check=True)
     assert res.report.params["after"] < res.report.params["before"]
     assert res.report.validation["equivalence"]["passed"]
@@ -92,3 +92,18 @@ def test_30_percent_prune_equals_zeroed_original(name: str) -> None:
     feeds = make_feeds(signature(original), seed=5)
     reference = _zero_consumer_columns(an, res.plan.removed_root)
     _assert_close(_run(reference, feeds), _run(res.model, feeds), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", _params())
+def test_obs_compensation_keeps_a_valid_model_and_helps_on_held_out_inputs(name: str) -> None:
+    original = _load(name)
+    if not graphprune.analyze(original).grouping.prunable:
+        pytest.skip("nothing prunable")
+    res = graphprune.prune(original, sparsity=0.3, latency_runs=0, compensate="obs", samples=16)
+    comp = res.report.compensation
+    assert res.report.validation["equivalence"]["passed"]  # checked on the uncompensated model
+    if comp["method"] == "obs":
+        check = comp["self_check"]
+        kept_better = check["relative_error_compensated"] <= check["relative_error_uncompensated"]
+        assert comp["applied"] == kept_better
+        assert all(np.isfinite(layer["predicted_rel_error"]) for layer in comp["layers"])

@@ -272,8 +272,9 @@ async def test_results_expire_with_410(settings: Make) -> None:
         await asyncio.sleep(1.1)
         _problem(await api.client.get(f"/v1/jobs/{job['id']}/result"), 410, "expired")
         _problem(await api.client.get(f"/v1/jobs/{job['id']}/report"), 410)
-        assert api.runtime.purge_expired() == 1
+        api.runtime.purge_expired()  # the background cleaner may have been first: either way it is gone
         assert not api.runtime.artifacts.dir(job["id"]).exists()
+        assert api.runtime.purge_expired() == 0
 
 
 async def test_bearer_token(settings: Make) -> None:

@@ -1,0 +1,39 @@
+"""im2col columns and weight matrices of consumers must reproduce the layer's own output."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune.consumers import LinearView, _im2col
+
+
+@pytest.mark.parametrize(("kernel", "strides", "pads", "dilations"), [
+    ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((3, 2), (2, 1), (0, 1, 1, 0), (1, 2)),
+    ((1, 1), (2, 2), (0, 0, 0, 0), (1, 1)),
+])
+def test_im2col_times_weights_is_the_conv(kernel: tuple[int, int], strides: tuple[int, int],
+                                          pads: tuple[int, ...], dilations: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, *kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=list(kernel), strides=list(strides),
+                            pads=list(pads), dilations=list(dilations))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    view = LinearView("c", "Conv", "x", 1, "w", None, np.ones(3, bool), kernel, strides, pads, dilations)
+    cols = _im2col(x.astype(np.float64), kernel, strides, pads, dilations)
+    got = cols @ view.matrix(w).T  # [N*OH*OW, Cout]
+    want = np.moveaxis(y, 1, -1).reshape(-1, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_removed_columns_cover_each_channel_kernel() -> None:
+    view = LinearView("c", "Conv", "x", 1, "w", None, np.array([True, False, True, False]), (2, 2))
+    assert view.removed_columns().tolist() == [4, 5, 6, 7, 12, 13, 14, 15]
