@@ -20,7 +20,7 @@ from tqdm import tqdm
 from graphprune import __version__
 from graphprune.api import analyze, prune
 from graphprune.client import DEFAULT_URL
-from graphprune.config import TARGETS, PruneConfig
+from graphprune.config import COMPENSATIONS, HESSIAN_SOURCES, TARGETS, PruneConfig
 from graphprune.errors import GraphpruneError, UsageError
 from graphprune.importance import CRITERIA
 
@@ -94,6 +94,14 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--no-validate", dest="validate", action="store_false",
                     help="skip onnxruntime validation (not recommended)")
     pr.add_argument("--latency-runs", type=int, default=5)
+    pr.add_argument("--compensate", choices=COMPENSATIONS, default="obs",
+                    help="correct the consumers of removed channels (data-free OBS, default) or not")
+    pr.add_argument("--calibration", metavar="FILE.npz",
+                    help="real inputs (one array per model input) for the OBS statistics instead of synthetic ones")
+    pr.add_argument("--samples", type=int, default=128, help="inputs used to estimate the OBS statistics")
+    pr.add_argument("--hessian-source", choices=HESSIAN_SOURCES, default="auto",
+                    help="where OBS statistics come from (auto: calibration if given, else synthetic)")
+    pr.add_argument("--damping", type=float, default=0.01, help="OBS damping, fraction of the mean diagonal")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -104,6 +112,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "max_group_sparsity": args.max_group_sparsity, "min_channels": args.min_channels,
         "exclude": list(args.exclude), "seed": args.seed, "validate": args.validate,
         "latency_runs": args.latency_runs, "input_shapes": dict(args.input_shape),
+        "compensate": args.compensate, "samples": args.samples, "hessian_source": args.hessian_source,
+        "damping": args.damping, **({"calibration": args.calibration} if args.calibration else {}),
     }
 
 
