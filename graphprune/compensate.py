@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
 from numpy.typing import NDArray
 from onnx import ModelProto
 from threadpoolctl import threadpool_limits
@@ -70,21 +69,11 @@ def input_batches(model: ModelProto, specs: list[InputSpec], cfg: PruneConfig, k
     return f"synthetic:{kind}", batches(specs, cfg.samples, batch, kind, seed)
 
 
-def _probe(model: ModelProto, names: list[str]) -> Any:
-    probe = ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in known:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return runtime.session(probe)
-
-
 def layer_moments(model: ModelProto, views: list[LinearView], feeds: Iterable[dict[str, NDArray[Any]]],
                   seed: int) -> dict[str, NDArray[np.float64]]:
     """E[[x; 1][x; 1]ᵀ] over each view's input columns, streamed batch by batch."""
     names = list(dict.fromkeys(v.x for v in views))
-    sess = _probe(model, names)
+    sess = runtime.probe_session(model, names)
     rng = np.random.default_rng(seed)
     sums: dict[str, NDArray[np.float64]] = {}
     count = dict.fromkeys((v.node for v in views), 0)

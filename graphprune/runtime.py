@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 from onnx import ModelProto
@@ -32,6 +33,17 @@ def session(model: ModelProto, threads: int | None = None) -> ort.InferenceSessi
         return ort.InferenceSession(runnable.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types
         raise InvalidModelError(f"onnxruntime cannot load the model: {exc}".strip()) from exc
+
+
+def probe_session(model: ModelProto, names: list[str]) -> ort.InferenceSession:
+    """A session that also returns the intermediate tensors `names` (a copy; the model is untouched)."""
+    probe = ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in known:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return session(probe)
 
 
 def run(sess: ort.InferenceSession, feeds: dict[str, NDArray[Any]],

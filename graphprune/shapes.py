@@ -44,14 +44,8 @@ def resolve_shapes(model: ModelProto, specs: list[InputSpec]) -> dict[str, tuple
 
 
 def _run_for_shapes(model: ModelProto, specs: list[InputSpec], names: list[str]) -> dict[str, tuple[int, ...]]:
-    probe = ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in known:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     try:
-        sess = runtime.session(probe)
+        sess = runtime.probe_session(model, names)
         values = runtime.run(sess, make_feeds(specs), names)
     except Exception:  # an unrunnable model keeps those shapes unknown: rules block them
         return {}
