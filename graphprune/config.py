@@ -54,6 +54,10 @@ class PruneConfig:
             raise UsageError(f"sparsity must be in [0, 1), got {self.sparsity}; e.g. --sparsity 0.3")
         if self.target not in TARGETS:
             raise UsageError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        from graphprune.importance import CRITERIA  # the registry, so plugins count too
+
+        if self.criterion not in CRITERIA:
+            raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(sorted(CRITERIA))}")
         if self.reduction not in REDUCTIONS:
             raise UsageError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
         if self.normalizer not in NORMALIZERS:
