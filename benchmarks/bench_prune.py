@@ -226,12 +226,15 @@ def in_child(fn: Callable[..., Result], *args: Any) -> Result:
 
 
 def graphprune_job(path: str, validate: bool, save_to: str | None, sparsity: float = SPARSITY) -> Result:
-    """graphprune end to end: load the .onnx from disk, prune, (optionally) validate."""
+    """graphprune end to end: load the .onnx from disk, prune, (optionally) validate.
+
+    Without OBS compensation, like Torch-Pruning's magnitude pruning it is compared with.
+    """
     import graphprune
 
     with measured() as sec:
         res = graphprune.prune(path, sparsity=sparsity, target="channels", criterion="l2",
-                               global_ranking=False, latency_runs=0, validate=validate)
+                               global_ranking=False, latency_runs=0, validate=validate, compensate="none")
     rep = res.report.to_dict()
     if save_to:
         res.save(save_to)
@@ -347,7 +350,7 @@ def profile_job(path: str, top: int) -> Result:
 
     prof = cProfile.Profile()
     prof.enable()
-    graphprune.prune(path, sparsity=SPARSITY, target="channels", latency_runs=0, validate=True)
+    graphprune.prune(path, sparsity=SPARSITY, target="channels", latency_runs=0, validate=True, compensate="none")
     prof.disable()
     text = []
     for order in ("tottime", "cumulative"):

@@ -80,9 +80,7 @@ def layer_moments(model: ModelProto, views: list[LinearView], feeds: Iterable[di
     for batch in feeds:
         acts = runtime.run(sess, batch, names)
         for v in views:
-            rows = v.columns(acts[v.x])
-            if rows.shape[0] > MAX_ROWS_PER_BATCH:
-                rows = rows[rng.choice(rows.shape[0], MAX_ROWS_PER_BATCH, replace=False)]
+            rows = v.columns(acts[v.x], MAX_ROWS_PER_BATCH, rng)
             rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
             sums[v.node] = sums[v.node] + rows.T @ rows if v.node in sums else rows.T @ rows
             count[v.node] += rows.shape[0]

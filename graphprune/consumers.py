@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 from onnx import NodeProto
 
@@ -56,27 +55,36 @@ class LinearView:
             return m.reshape(like.shape).astype(like.dtype)
         return (m if self.trans_b else m.T).astype(like.dtype)
 
-    def columns(self, x: NDArray[Any]) -> NDArray[np.float64]:
-        """Rows of input columns seen by the layer (im2col for Conv)."""
-        x = np.asarray(x, dtype=np.float64)
-        if self.op == "Conv":
-            return _im2col(x, self.kernel, self.strides, self.pads, self.dilations)
-        return np.moveaxis(x, self.x_axis, -1).reshape(-1, x.shape[self.x_axis])
+    def columns(self, x: NDArray[Any], max_rows: int, rng: np.random.Generator) -> NDArray[np.float64]:
+        """Up to `max_rows` random rows of the input columns the layer sees (im2col patches for a
+        Conv, gathered only at the sampled positions: the full im2col of a large feature map would
+        cost gigabytes)."""
+        x = np.asarray(x)
+        if self.op != "Conv":
+            rows = np.moveaxis(x, self.x_axis, -1).reshape(-1, x.shape[self.x_axis])
+            if rows.shape[0] > max_rows:
+                rows = rows[rng.choice(rows.shape[0], max_rows, replace=False)]
+            return rows.astype(np.float64)
+        return sampled_patches(x, self.kernel, self.strides, self.pads, self.dilations, max_rows, rng)
 
 
-def _im2col(x: NDArray[np.float64], kernel: tuple[int, ...], strides: tuple[int, ...],
-            pads: tuple[int, ...], dilations: tuple[int, ...]) -> NDArray[np.float64]:
+def sampled_patches(x: NDArray[Any], kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
+                    dilations: tuple[int, ...], max_rows: int, rng: np.random.Generator) -> NDArray[np.float64]:
+    """im2col rows (channel-major, then kernel offsets) at up to `max_rows` random output positions."""
     nd = len(kernel)
-    pad_width = [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)]
-    xp = np.pad(x, pad_width)
-    span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True))
-    win = sliding_window_view(xp, span, axis=tuple(range(2, 2 + nd)))
-    index = (slice(None), slice(None), *[slice(None, None, s) for s in strides],
-             *[slice(None, None, d) for d in dilations])
-    win = win[index]  # [N, C, *out, *kernel]
-    c = win.shape[1]
-    order = (0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
-    return win.transpose(order).reshape(-1, c * math.prod(kernel))
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    out = [(xp.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(nd)]
+    total = x.shape[0] * math.prod(out)
+    pick = rng.choice(total, max_rows, replace=False) if total > max_rows else np.arange(total)
+    coords = np.unravel_index(pick, (x.shape[0], *out))
+    index: list[Any] = [coords[0].reshape(-1, *[1] * nd), slice(None)]
+    for i in range(nd):
+        offsets = np.arange(kernel[i]) * dilations[i]
+        shape = [1] * nd
+        shape[i] = kernel[i]
+        index.append(coords[1 + i].reshape(-1, *[1] * nd) * strides[i] + offsets.reshape(shape))
+    patches = xp[tuple(index)]  # [rows, *kernel, C]: the advanced indices come first
+    return np.moveaxis(patches, -1, 1).reshape(len(pick), -1).astype(np.float64)
 
 
 def _conv_pads(node: NodeProto, in_spatial: tuple[int, ...], kernel: tuple[int, ...],

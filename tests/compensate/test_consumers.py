@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune.consumers import LinearView, _im2col
+from graphprune.consumers import LinearView, sampled_patches
 
 
 @pytest.mark.parametrize(("kernel", "strides", "pads", "dilations"), [
@@ -28,10 +28,15 @@ def test_im2col_times_weights_is_the_conv(kernel: tuple[int, int], strides: tupl
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     view = LinearView("c", "Conv", "x", 1, "w", None, np.ones(3, bool), kernel, strides, pads, dilations)
-    cols = _im2col(x.astype(np.float64), kernel, strides, pads, dilations)
-    got = cols @ view.matrix(w).T  # [N*OH*OW, Cout]
+    everything = 10**9
+    cols = sampled_patches(x, kernel, strides, pads, dilations, everything, np.random.default_rng(0))
+    got = cols @ view.matrix(w).T  # [N*OH*OW, Cout] in row-major position order
     want = np.moveaxis(y, 1, -1).reshape(-1, 4)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # sampled rows are exactly some of those rows
+    some = sampled_patches(x, kernel, strides, pads, dilations, 5, np.random.default_rng(1)) @ view.matrix(w).T
+    assert some.shape == (5, 4)
+    assert all(np.isclose(want, row, atol=1e-4).all(axis=1).any() for row in some)
 
 
 def test_removed_columns_cover_each_channel_kernel() -> None:

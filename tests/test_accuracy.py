@@ -1,0 +1,74 @@
+"""Real-data accuracy of pruned digits nets: the problem OBS compensation must solve, and whether it does.
+
+The nets are trained on scikit-learn's digits (seconds each, cached under benchmarks/.cache/accuracy/);
+cells come from the benchmark's own runner (benchmarks/accuracy/run.py), so the test and the published
+table cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from benchmarks.accuracy import models, run
+
+pytestmark = pytest.mark.slow
+
+HALF = 0.5
+# Best-of(global, local) L2 magnitude pruning without compensation at -50% FLOPs, as measured when this
+# test was written. A large move means the selector changed: re-run the benchmark and update.
+RECORDED_MAGNITUDE = {"resnet": 0.443, "mobilenetv2": 0.119, "vit": 0.539, "mlp": 0.959}
+RECORD_TOLERANCE = 0.05
+# The wide MLP loses little to magnitude pruning at -50% (it does at -70%): no drop to show there.
+COLLAPSES_AT_HALF = ("resnet", "mobilenetv2", "vit")
+METHODS = {m.key: m for m in run.METHODS}
+
+
+@functools.cache
+def dense(arch: str) -> float:
+    task = models.task(arch)
+    return task.score(task.onnx_path)["accuracy"]
+
+
+@functools.cache
+def pruned(arch: str, method: str) -> run.Cell:
+    return run.run_cell(models.task(arch), METHODS[method], HALF)
+
+
+@pytest.mark.parametrize("arch", models.ARCHS)
+def test_dense_accuracy(arch: str) -> None:
+    assert dense(arch) >= 0.95
+
+
+@pytest.mark.parametrize("arch", models.ARCHS)
+def test_magnitude_at_half_flops_is_as_recorded(arch: str) -> None:
+    cell = pruned(arch, "magnitude")
+    assert not cell.error, cell.detail
+    assert cell.reduction is not None and cell.reduction >= HALF - 0.005
+    acc = cell.scores["accuracy"]
+    assert abs(acc - RECORDED_MAGNITUDE[arch]) <= RECORD_TOLERANCE, f"{arch}: {acc:.3f} ({cell.ranking})"
+    if arch in COLLAPSES_AT_HALF:
+        assert acc < dense(arch) - 0.05, "magnitude pruning no longer hurts: the benchmark shows nothing"
+
+
+def _losers(method: str) -> dict[str, str]:
+    results = {arch: (pruned(arch, method).headline, pruned(arch, "magnitude").headline) for arch in models.ARCHS}
+    return {arch: f"{method} {o:.3f} <= magnitude {m:.3f}" for arch, (o, m) in results.items() if not o > m}
+
+
+def test_obs_with_calibration_beats_magnitude_at_half_flops() -> None:
+    assert not _losers("obs_calib")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 5 open: measured, data-free OBS still loses to the best magnitude "
+                   "pruning at -50% FLOPs on resnet, vit and mlp; this turns into a failure once it wins everywhere")
+def test_data_free_obs_beats_magnitude_at_half_flops() -> None:
+    assert not _losers("obs")
