@@ -85,9 +85,9 @@ def _joint(w: F64, hd: F64, remove: NDArray[np.int64]) -> ObsResult:
         return ObsResult(w, 0.0)
     h_kk = hd[np.ix_(kept, kept)]
     try:
-        v = np.linalg.solve(h_kk, hd[kept, :] @ w.T).T  # H_KK symmetric: (W H_:K H_KK⁻¹)ᵀ
+        v = np.asarray(np.linalg.solve(h_kk, hd[kept, :] @ w.T).T, dtype=np.float64)  # H_KK symmetric
     except np.linalg.LinAlgError:
-        v = w @ hd[:, kept] @ inverse(h_kk)
+        v = np.asarray(w @ hd[:, kept] @ inverse(h_kk), dtype=np.float64)
     # residual orthogonality: E||W x − V x_K||² = tr(W H Wᵀ) − tr(V H_KK Vᵀ)
     error = float(((w @ hd) * w).sum() - ((v @ h_kk) * v).sum())
     return ObsResult(v, max(error, 0.0))
