@@ -79,7 +79,7 @@ def _config(config: PruneConfig | dict[str, Any] | None, overrides: dict[str, An
 
 def analyze(source: Source, config: PruneConfig | dict[str, Any] | None = None, **overrides: Any) -> Analysis:
     cfg = _config(config, overrides)
-    model = model_io.normalize(model_io.load_model(source, max_bytes=cfg.max_model_bytes))
+    model = model_io.normalize(model_io.load_model(source, max_bytes=cfg.max_model_bytes), copy=False)
     specs = signature(model, {k: tuple(v) for k, v in cfg.input_shapes.items()})
     graph = DependencyGraph.build(model, resolve_shapes(model, specs))
     grouping = build_groups(graph, cfg.exclude)
@@ -120,7 +120,7 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     lap("score", 0.4)
     plan = Selector(an.graph, an.grouping, scores, an.cost, cfg).select()
     lap("select", 0.5)
-    plain = model_io.infer_shapes(apply_plan(an.graph, plan.removed_root))
+    plain = apply_plan(an.graph, plan.removed_root)
     pruned, comp = plain, Compensation()
     if cfg.compensate == "obs" and plan.removed:
         comp = compensate(an.graph, plan.removed_root[an.grouping.roots], an.specs, cfg)
@@ -150,7 +150,7 @@ def _self_checked(an: Analysis, cfg: PruneConfig, plain: ModelProto, removed_roo
                   comp: Compensation) -> ModelProto:
     """Keep the compensation only if it brings the outputs closer to the dense model on inputs it
     was not fitted on: a wrong H can be worse than none."""
-    compensated = model_io.infer_shapes(apply_plan(an.graph, removed_root, comp.overrides))
+    compensated = apply_plan(an.graph, removed_root, comp.overrides)
     _, feeds = input_batches(an.model, an.specs, cfg, "blobs", cfg.seed + 7919)
     checks = list(itertools.islice(feeds, SELF_CHECK_BATCHES))
     dense, sess_plain, sess_comp = (runtime.session(m) for m in (an.model, plain, compensated))

@@ -60,10 +60,29 @@ class ElementPool:
     def union(self, a: Labels, b: Labels) -> None:
         if a.shape != b.shape:
             raise ValueError(f"cannot couple {a.size} channels with {b.size}")
-        for x, y in zip(a.tolist(), b.tolist(), strict=True):
-            rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                self._parent[max(rx, ry)] = min(rx, ry)
+        # Vectorised: every root only ever points to a smaller root, so rounds of "hook the larger root
+        # under the smaller" cannot form cycles and end when all pairs share a root (the per-pair Python
+        # loop was a tenth of ResNet-50's analysis).
+        a, b = a.ravel(), b.ravel()
+        while True:
+            ra, rb = self._roots_of(a), self._roots_of(b)
+            differ = ra != rb
+            if not differ.any():
+                return
+            lo, hi = np.minimum(ra[differ], rb[differ]), np.maximum(ra[differ], rb[differ])
+            np.minimum.at(self._parent, hi, lo)
+
+    def _roots_of(self, labels: Labels) -> Labels:
+        """Roots of `labels`, compressing their paths."""
+        parent = self._parent
+        roots = parent[labels]
+        while True:
+            up = parent[roots]
+            if np.array_equal(up, roots):
+                break
+            roots = up
+        parent[labels] = roots
+        return roots
 
     def block(self, labels: Labels) -> None:
         self._blocked[labels] = True

@@ -137,19 +137,20 @@ def declared_bytes(model: ModelProto) -> int:
     return sum(nbytes for _, nbytes in _declared_sizes(model))
 
 
-def infer_shapes(model: ModelProto) -> ModelProto:
-    """A copy with onnx shape inference (strict, data_prop=True) applied.
+def infer_shapes(model: ModelProto, *, copy: bool = True) -> ModelProto:
+    """`model` (a copy unless `copy=False`) with onnx shape inference (strict, data_prop=True) applied.
 
     Weights are not serialized for inference, so this also works past protobuf's 2 GiB limit.
     Errors become InvalidModelError; onnx's message names the op type and node.
     """
-    result = _copy(model)
+    result = _copy(model) if copy else model
     _apply_inference(result, update_outputs=True)
     return result
 
 
-def normalize(model: ModelProto) -> ModelProto:
-    """A normalized copy of `model` (see the module docstring); outputs are numerically unchanged.
+def normalize(model: ModelProto, *, copy: bool = True) -> ModelProto:
+    """`model` normalized (see the module docstring), as a copy unless `copy=False`; outputs are
+    numerically unchanged.
 
     IR >= 4: initializers listed in graph.input (overridable defaults) are removed from the
     inputs, because the pruner must be free to reshape them. IR < 4 requires every initializer
@@ -158,7 +159,7 @@ def normalize(model: ModelProto) -> ModelProto:
     Expects a model from load_model: sparse tensors are densified to their (budget-checked) size.
     """
     _require_loaded(model)
-    out = _copy(model)
+    out = _copy(model) if copy else model
     graph = out.graph
     original_inputs = [_copy(vi) for vi in graph.input]
     _densify_sparse_initializers(graph)
@@ -198,7 +199,7 @@ def save_model(model: ModelProto, path: str | os.PathLike[str]) -> None:
         with _atomic_file(target) as f:
             f.write(model.SerializeToString())
         return
-    skeleton = _without_initializers(model)
+    skeleton = without_initializers(model)
     data_path = target.with_name(target.name + ".data")
     with _atomic_file(data_path) as f:
         for tensor in model.graph.initializer:
@@ -623,7 +624,7 @@ def _copy_fields(src: Message, dst: Message, skip: Collection[str]) -> None:
             setattr(dst, field.name, value)
 
 
-def _without_initializers(model: ModelProto) -> ModelProto:
+def without_initializers(model: ModelProto) -> ModelProto:
     """A copy of everything but the main graph's initializers (the weight bytes)."""
     skeleton = ModelProto()
     _copy_fields(model, skeleton, skip={"graph"})
@@ -683,7 +684,7 @@ def _write_external(tensor: TensorProto, f: IO[bytes], location: str) -> TensorP
 def inference_view(model: ModelProto) -> ModelProto:
     """The model as shape inference needs it: small initializers keep their data (shape tensors),
     large ones become typed graph inputs, so no weight bytes are copied or serialized."""
-    skeleton = _without_initializers(model)
+    skeleton = without_initializers(model)
     listed = {vi.name for vi in skeleton.graph.input}
     for tensor in model.graph.initializer:
         small = math.prod(tensor.dims) <= _INFER_DATA_ELEMENTS

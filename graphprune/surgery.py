@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from graphprune.depgraph import DependencyGraph
+from graphprune.model import infer_shapes, without_initializers
 from graphprune.rules import rule_for
 
 
@@ -64,9 +65,9 @@ class SurgeryContext:
 
 def apply_plan(graph: DependencyGraph, removed_root: NDArray[np.bool_],
                overrides: dict[str, NDArray[Any]] | None = None) -> ModelProto:
-    """The pruned model; `overrides` replace initializer values first (compensated weights)."""
-    model = ModelProto()
-    model.CopyFrom(graph.model)
+    """The pruned model, shapes re-inferred; `overrides` replace initializer values first (compensated
+    weights)."""
+    model = without_initializers(graph.model)  # initializers are written once, sliced or as they were
     sx = SurgeryContext(graph, removed_root)
     overrides = overrides or {}
     for name in graph.initializers:
@@ -82,16 +83,18 @@ def apply_plan(graph: DependencyGraph, removed_root: NDArray[np.bool_],
         rule = rule_for(node)
         if rule is not None and sx.touches(node):
             rule.rewrite(node, sx)
-    _write_consts(model, sx)
+    _write_consts(graph.model, model, sx)
     del model.graph.value_info[:]
-    return model
+    return infer_shapes(model, copy=False)
 
 
-def _write_consts(model: ModelProto, sx: SurgeryContext) -> None:
+def _write_consts(source: ModelProto, model: ModelProto, sx: SurgeryContext) -> None:
     inits = model.graph.initializer
-    for i, t in enumerate(inits):
+    for t in source.graph.initializer:
         if t.name in sx.consts:
-            inits[i].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(sx.consts[t.name]), t.name))
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(sx.consts[t.name]), t.name))
+        else:
+            inits.append(t)
     for name, value in sx.added.items():
         inits.append(numpy_helper.from_array(value, name))
 

@@ -1,0 +1,83 @@
+"""The fast paths of the engine against their slow, obvious definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune import runtime
+from graphprune.elements import ElementPool
+from graphprune.importance import position_norms
+
+
+def _reference_union_find(n: int, pairs: list[tuple[int, int]]) -> list[int]:
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for x, y in pairs:
+        rx, ry = find(x), find(y)
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    return [find(x) for x in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_vectorised_union_matches_pairwise_union_find(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 80))
+    pool = ElementPool()
+    pool.new(n, "producer", "t")
+    pairs: list[tuple[int, int]] = []
+    for _ in range(int(rng.integers(1, 10))):
+        m = int(rng.integers(1, n))
+        a, b = rng.integers(0, n, m), rng.integers(0, n, m)
+        pool.union(a, b)
+        pairs += list(zip(a.tolist(), b.tolist(), strict=True))
+    # both keep the smallest element of a class as its root, so equal roots = equal partitions
+    assert pool.roots().tolist() == _reference_union_find(n, pairs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_position_norms_match_float64_definition(dtype: type, p: int) -> None:
+    w = np.random.default_rng(0).standard_normal((48, 32, 3, 3)).astype(dtype)
+    for axis in range(w.ndim):
+        exact = (np.abs(np.moveaxis(w.astype(np.float64), axis, 0)).reshape(w.shape[axis], -1) ** p).sum(axis=1)
+        got = position_norms(w, axis, p)
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, exact, rtol=1e-5)
+
+
+def _model(ir_version: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")  # 8 KiB: in memory
+    w16 = numpy_helper.from_array(rng.standard_normal((32, 80)).astype(np.float16), "w16")  # in memory
+    small = numpy_helper.from_array(np.arange(32, dtype=np.float32), "b")  # stays in the skeleton
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"]),
+             helper.make_node("Cast", ["y"], ["y16"], to=TensorProto.FLOAT16),
+             helper.make_node("MatMul", ["y16", "w16"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT16, [2, 80])], [w, w16, small])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=ir_version)
+
+
+@pytest.mark.parametrize("ir_version", [8, 11])
+def test_session_with_in_memory_weights_equals_plain_session(ir_version: int) -> None:
+    model = _model(ir_version)
+    before = model.SerializeToString()
+    x = {"x": np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)}
+    plain = model if ir_version <= runtime.RUNTIME_IR_VERSION else _model(runtime.RUNTIME_IR_VERSION)
+    expected = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert runtime._skeleton(model)[1] == ["w", "w16"]  # these two travel as in-memory initializers
+    sess = runtime.session(model)
+    np.testing.assert_array_equal(runtime.run(sess, x)["z"], expected)
+    probe = runtime.probe_session(model, ["h"])
+    assert set(runtime.run(probe, x)) == {"z", "h"}
+    assert model.SerializeToString() == before  # the caller's model is never modified
