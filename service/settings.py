@@ -34,12 +34,14 @@ class Settings:
     max_attempts: int = 2  # runs a job gets when server restarts interrupt it
     shutdown_grace_s: float = 10.0  # running jobs get this long to finish before they are re-queued
     api_token: str | None = None  # when set, /v1 requires `Authorization: Bearer <token>`
-    executor: str = "local"
+    executor: str = "local"  # "ray": jobs run as Ray tasks on the cluster at RAY_ADDRESS (graphprune[ray])
+    ray_job_cpus: float = 1.0  # CPUs Ray reserves per job (with job_memory_bytes as its memory request)
     worker_stage_delay_s: float = 0.0  # sleep after every stage: makes cancel/restart testable
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
-        positive = ("max_upload_bytes", "max_concurrent_jobs", "queue_limit", "job_timeout_s", "max_attempts")
+        positive = ("max_upload_bytes", "max_concurrent_jobs", "queue_limit", "job_timeout_s", "max_attempts",
+                    "ray_job_cpus")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")

@@ -16,10 +16,13 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from graphprune import GraphpruneError, prune
+from graphprune.api import Progress, PruneResult, Source
 from service.artifacts import Artifacts, atomic_write
 from service.jobs import JobError, JobStore, Status
 from service.settings import Settings
@@ -59,23 +62,40 @@ def run(spec: WorkerSpec) -> None:
 
     def progress(stage: str, fraction: float) -> None:
         store.progress(spec.job_id, spec.attempt, stage, fraction)
-        time.sleep(spec.stage_delay_s)
 
     try:
-        result = prune(files.input(spec.job_id), job.options, progress=progress)
-        report = result.report.to_json()
-        size, digest = atomic_write(files.result(spec.job_id), result.save)
-        atomic_write(files.report(spec.job_id), lambda p: p.write_text(report))
-        store.succeed(spec.job_id, spec.attempt, size, digest)
+        result = prune_job(files.input(spec.job_id), job.options, progress, spec.stage_delay_s)
+        record_success(store, files, spec.job_id, spec.attempt, result.save, result.report.to_json())
     except Exception as exc:  # the process boundary: every failure becomes the job's error
-        store.fail(spec.job_id, spec.attempt, _error(exc, spec))
+        oom = memory_message(spec.memory_bytes) if spec.memory_bytes else None
+        store.fail(spec.job_id, spec.attempt, job_error(exc, oom))
     finally:
         store.close()
 
 
-def _error(exc: Exception, spec: WorkerSpec) -> JobError:
-    if spec.memory_bytes and _out_of_memory(exc):
-        return JobError("MemoryLimit", memory_message(spec.memory_bytes))
+def prune_job(source: Source, options: dict[str, Any], progress: Progress, stage_delay_s: float) -> PruneResult:
+    """`prune` as every executor runs a job; the pause after each reported stage lets tests catch a job mid-run."""
+
+    def step(stage: str, fraction: float) -> None:
+        progress(stage, fraction)
+        time.sleep(stage_delay_s)
+
+    return prune(source, options, progress=step)
+
+
+def record_success(store: JobStore, files: Artifacts, job_id: str, attempt: int, write_model: Callable[[Path], object],
+                   report: str) -> None:
+    """Write result and report atomically, then mark the attempt succeeded: no reader sees half a result."""
+    size, digest = atomic_write(files.result(job_id), write_model)
+    atomic_write(files.report(job_id), lambda p: p.write_text(report))
+    store.succeed(job_id, attempt, size, digest)
+
+
+def job_error(exc: Exception, out_of_memory: str | None) -> JobError:
+    """The job's error for an exception from `prune_job`; `out_of_memory` is the message for a failed
+    allocation (None: the worker has no memory limit to blame)."""
+    if out_of_memory is not None and _out_of_memory(exc):
+        return JobError("MemoryLimit", out_of_memory)
     if isinstance(exc, GraphpruneError):
         return JobError(type(exc).__name__, str(exc), exc.exit_code)
     traceback.print_exc(file=sys.stderr)
