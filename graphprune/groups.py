@@ -110,8 +110,10 @@ def build_groups(graph: DependencyGraph, exclude: list[str] | None = None) -> Gr
     links = nx.Graph()
     links.add_nodes_from(range(len(pool.spaces)))
     if len(pool):
-        pairs = np.unique(np.stack([space_of, space_of[roots]], axis=1), axis=0)
-        links.add_edges_from((int(a), int(b)) for a, b in pairs.tolist() if a != b)
+        n = len(pool.spaces)
+        codes = np.unique(space_of * n + space_of[roots])  # (space, root's space) pairs as one int64
+        links.add_edges_from((a, b) for a, b in zip((codes // n).tolist(), (codes % n).tolist(), strict=True)
+                             if a != b)
 
     groups: list[Group] = []
     unit_group: dict[int, tuple[int, int]] = {}
