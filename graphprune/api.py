@@ -18,12 +18,12 @@ from onnx import ModelProto
 
 from graphprune import model as model_io
 from graphprune import runtime
-from graphprune.compensate import Compensation, compensate, input_batches
+from graphprune.compensate import Compensation, LayerStatistics, MomentSums, compensate, input_batches, measure_layers
 from graphprune.config import PruneConfig
 from graphprune.cost import CostModel
 from graphprune.depgraph import DependencyGraph
 from graphprune.groups import Grouping, build_groups
-from graphprune.importance import criterion, group_scores
+from graphprune.importance import ScoringContext, criterion, group_scores
 from graphprune.inputs import InputSpec, signature
 from graphprune.report import Report
 from graphprune.select import PrunePlan, Selector
@@ -113,7 +113,9 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
 
     an = analyze(source, cfg)
     lap("analyze", 0.3)
+    statistics = LayerStatistics(an.graph, an.specs, cfg)  # lazy: a pass runs only for what is asked
     crit = criterion(cfg.criterion)
+    crit.prepare(ScoringContext(an.graph, an.grouping, an.specs, cfg, statistics))
     rng = np.random.default_rng(cfg.seed)
     scores = {g.id: group_scores(an.graph, g, crit, cfg.reduction, cfg.normalizer, rng)
               for g in an.grouping.prunable}
@@ -123,7 +125,7 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     plain = apply_plan(an.graph, plan.removed_root)
     pruned, comp = plain, Compensation()
     if cfg.compensate == "obs" and plan.removed:
-        comp = compensate(an.graph, plan.removed_root[an.grouping.roots], an.specs, cfg)
+        comp = compensate(an.graph, plan.removed_root[an.grouping.roots], an.specs, cfg, statistics=statistics)
         lap("compensate", 0.7)
         if comp.overrides:
             pruned = _self_checked(an, cfg, plain, plan.removed_root, comp)
@@ -136,6 +138,7 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
         lap("validate", 1.0)
     report = _report(an, cfg, plan, validation, timings)
     report.compensation = comp.to_dict()
+    report.importance = {"criterion": cfg.criterion, **crit.describe()}
     step("done", 1.0)
     return PruneResult(pruned, report, plan)
 
@@ -149,16 +152,23 @@ def _validation_feeds(an: Analysis, cfg: PruneConfig) -> dict[str, NDArray[Any]]
 def _self_checked(an: Analysis, cfg: PruneConfig, plain: ModelProto, removed_root: NDArray[np.bool_],
                   comp: Compensation) -> ModelProto:
     """Keep the compensation only if it brings the outputs closer to the dense model on inputs it
-    was not fitted on: a wrong H can be worse than none."""
+    was not fitted on: a wrong H can be worse than none. The same dense run yields the corrected
+    layers' held-out inputs, so each layer's error is measured there too."""
     compensated = apply_plan(an.graph, removed_root, comp.overrides)
     _, feeds = input_batches(an.model, an.specs, cfg, "blobs", cfg.seed + 7919)
     checks = list(itertools.islice(feeds, SELF_CHECK_BATCHES))
-    dense, sess_plain, sess_comp = (runtime.session(m) for m in (an.model, plain, compensated))
+    held_out = MomentSums([v for v, _ in comp.fits], cfg.seed + 7919)
+    dense = runtime.probe_session(an.model, held_out.names)
+    sess_plain, sess_comp = runtime.session(plain), runtime.session(compensated)
+    outputs = [o.name for o in an.model.graph.output]
     err_plain = err_comp = 0.0
     for batch in checks:
-        ref = runtime.run(dense, batch)
+        acts = runtime.run(dense, batch, list(dict.fromkeys([*outputs, *held_out.names])))
+        held_out.add(acts)
+        ref = {k: acts[k] for k in outputs}
         err_plain += relative_error(ref, runtime.run(sess_plain, batch))
         err_comp += relative_error(ref, runtime.run(sess_comp, batch))
+    measure_layers(an.graph, comp, held_out.means())
     comp.self_check = {"relative_error_uncompensated": err_plain / len(checks),
                        "relative_error_compensated": err_comp / len(checks)}
     comp.applied = err_comp <= err_plain

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from graphprune.errors import GraphpruneError
+from graphprune.mlflow_io import is_model_uri
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 Job = dict[str, Any]
@@ -73,11 +74,15 @@ class Client:
 
     def submit(self, model: str | os.PathLike[str] | bytes, config: dict[str, Any] | None = None, *,
                idempotency_key: str | None = None, **options: Any) -> Job:
-        """Upload a model (path or bytes, streamed from disk) with pruning options; → the queued job."""
+        """Upload a model (path or bytes, streamed from disk) with pruning options; → the queued job.
+        A `models:/` or `runs:/` string is an MLflow model URI: the server downloads it instead."""
         params = {"config": json.dumps({**(config or {}), **options})}
         headers = {"Content-Type": "application/octet-stream"}
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key
+        if isinstance(model, str) and is_model_uri(model):
+            headers["Content-Type"] = "application/json"
+            return self._json("POST", "/v1/jobs", params=params, headers=headers, content=json.dumps({"source": model}))
         if isinstance(model, bytes):
             return self._json("POST", "/v1/jobs", params=params, headers=headers, content=model)
         path = Path(model)

@@ -2,13 +2,15 @@
 
 Statistics H = E[x xᵀ] of each consumer's input columns (plus the constant 1 for the bias) come from
 the dense model run on synthetic inputs, or on the user's calibration .npz, streamed batch by batch
-through onnxruntime with the consumers' inputs exposed as extra outputs. obs.py does the math; the
-result is a set of replacement weights that surgery then slices.
+through onnxruntime with the consumers' inputs exposed as extra outputs. `LayerStatistics` computes
+them once per prune and shares them between the OBS criterion and compensation. obs.py does the math;
+the result is a set of replacement weights that surgery then slices.
 """
 
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +26,7 @@ from graphprune.consumers import LinearView, linear_views
 from graphprune.depgraph import DependencyGraph
 from graphprune.errors import UsageError
 from graphprune.inputs import InputSpec
-from graphprune.obs import obs_remove
+from graphprune.obs import energy, obs_remove
 from graphprune.synthetic import batches, dynamic_batch
 
 MAX_ROWS_PER_BATCH = 1024  # rows sampled per consumer per batch: the d² accumulation dominates on big nets
@@ -39,6 +41,8 @@ class Compensation:
     seconds: float = 0.0
     applied: bool = False
     self_check: dict[str, float] = field(default_factory=dict)
+    # per corrected layer: its view and the compensated [W | b] (removed columns zero), for measuring
+    fits: list[tuple[LinearView, NDArray[np.float64]]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "obs" if self.overrides else "none", "source": self.source, "applied": self.applied,
@@ -69,72 +73,129 @@ def input_batches(model: ModelProto, specs: list[InputSpec], cfg: PruneConfig, k
     return f"synthetic:{kind}", batches(specs, cfg.samples, batch, kind, seed)
 
 
+class MomentSums:
+    """Running E[[x; 1][x; 1]ᵀ] of each view's input columns, fed one batch of activations at a time.
+
+    Rows are sampled by a generator seeded per consumer, so a consumer's moments do not depend on
+    which other consumers share the pass."""
+
+    def __init__(self, views: list[LinearView], seed: int) -> None:
+        self.views = views
+        self.rngs = {v.node: np.random.default_rng([seed, zlib.crc32(v.node.encode())]) for v in views}
+        self.sums: dict[str, NDArray[np.float64]] = {}
+        self.count = dict.fromkeys(self.rngs, 0)
+
+    @property
+    def names(self) -> list[str]:
+        """The activations the views read (to expose as extra outputs)."""
+        return list(dict.fromkeys(v.x for v in self.views))
+
+    def add(self, acts: dict[str, NDArray[Any]]) -> None:
+        for v in self.views:
+            rows = v.columns(acts[v.x], MAX_ROWS_PER_BATCH, self.rngs[v.node])
+            rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
+            self.sums[v.node] = self.sums[v.node] + rows.T @ rows if v.node in self.sums else rows.T @ rows
+            self.count[v.node] += rows.shape[0]
+
+    def means(self) -> dict[str, NDArray[np.float64]]:
+        return {k: total / self.count[k] for k, total in self.sums.items()}
+
+
 def layer_moments(model: ModelProto, views: list[LinearView], feeds: Iterable[dict[str, NDArray[Any]]],
                   seed: int) -> dict[str, NDArray[np.float64]]:
-    """E[[x; 1][x; 1]ᵀ] over each view's input columns, streamed batch by batch."""
-    names = list(dict.fromkeys(v.x for v in views))
-    sess = runtime.probe_session(model, names)
-    rng = np.random.default_rng(seed)
-    sums: dict[str, NDArray[np.float64]] = {}
-    count = dict.fromkeys((v.node for v in views), 0)
+    """E[[x; 1][x; 1]ᵀ] over each view's input columns: one onnxruntime pass, streamed batch by batch."""
+    acc = MomentSums(views, seed)
+    sess = runtime.probe_session(model, acc.names)
     for batch in feeds:
-        acts = runtime.run(sess, batch, names)
-        for v in views:
-            rows = v.columns(acts[v.x], MAX_ROWS_PER_BATCH, rng)
-            rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
-            sums[v.node] = sums[v.node] + rows.T @ rows if v.node in sums else rows.T @ rows
-            count[v.node] += rows.shape[0]
-    return {k: total / count[k] for k, total in sums.items()}
+        acc.add(runtime.run(sess, batch, acc.names))
+    return acc.means()
+
+
+class LayerStatistics:
+    """Each consumer's moments, computed on first request and kept.
+
+    The OBS criterion asks for every consumer of a prunable group before selection; compensation then
+    asks for the pruned ones and finds them here, so onnxruntime runs the statistics pass once."""
+
+    def __init__(self, graph: DependencyGraph, specs: list[InputSpec], cfg: PruneConfig, kind: str = "mixed") -> None:
+        self.graph, self.specs, self.cfg, self.kind = graph, specs, cfg, kind
+        self.source = "identity" if cfg.hessian_source == "identity" else ""
+        self.passes = 0
+        self._cache: dict[str, NDArray[np.float64]] = {}
+
+    def get(self, views: list[LinearView]) -> dict[str, NDArray[np.float64]]:
+        missing = [v for v in views if v.node not in self._cache]
+        if missing and self.source == "identity":
+            self._cache.update({v.node: np.eye(v.matrix(self.graph.const(v.weight)).shape[1] + 1) for v in missing})
+        elif missing:
+            self.source, feeds = input_batches(self.graph.model, self.specs, self.cfg, self.kind, self.cfg.seed + 1)
+            self._cache.update(layer_moments(self.graph.model, missing, feeds, self.cfg.seed))
+            self.passes += 1
+        return {v.node: self._cache[v.node] for v in views}
 
 
 def compensate(graph: DependencyGraph, removed_elem: NDArray[np.bool_], specs: list[InputSpec],
-               cfg: PruneConfig, kind: str = "blobs") -> Compensation:
-    """OBS-corrected weights (and biases) for every consumer that loses input channels.
+               cfg: PruneConfig, kind: str = "mixed", statistics: LayerStatistics | None = None) -> Compensation:
+    """OBS-corrected weights (and biases) for every consumer that loses input channels, on the
+    moments `statistics` holds already (or computes now).
 
     BLAS runs single-threaded here: on a shared 2-core machine OpenBLAS's spinning threads made
     these many mid-sized products and factorisations 10x slower (measured), not faster.
     """
     with threadpool_limits(limits=1, user_api="blas"):
-        return _compensate(graph, removed_elem, specs, cfg, kind)
+        return _compensate(graph, removed_elem, statistics or LayerStatistics(graph, specs, cfg, kind), cfg)
 
 
-def _compensate(graph: DependencyGraph, removed_elem: NDArray[np.bool_], specs: list[InputSpec],
-                cfg: PruneConfig, kind: str) -> Compensation:
+def _compensate(graph: DependencyGraph, removed_elem: NDArray[np.bool_], statistics: LayerStatistics,
+                cfg: PruneConfig) -> Compensation:
     start = time.perf_counter()
     views = linear_views(graph, removed_elem)
     if not views:
         return Compensation()
-    if cfg.hessian_source == "identity":
-        source = "identity"
-        stats = {v.node: np.eye(v.matrix(graph.const(v.weight)).shape[1] + 1) for v in views}
-    else:
-        source, feeds = input_batches(graph.model, specs, cfg, kind, cfg.seed + 1)
-        stats = layer_moments(graph.model, views, feeds, cfg.seed)
-    comp = Compensation(source=source)
+    stats = statistics.get(views)
+    comp = Compensation(source=statistics.source)
     for v in views:
         _compensate_layer(graph, v, stats[v.node], cfg.damping, comp)
     comp.seconds = time.perf_counter() - start
     return comp
 
 
+def augmented(graph: DependencyGraph, v: LinearView,
+              h: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """[W | b] over the view's columns and the moments that go with it; a layer without a bias slot
+    loses the constant row/column (nothing could absorb the removed channels' mean)."""
+    m = v.matrix(graph.const(v.weight))
+    if not v.bias:
+        return m, h[:-1, :-1]
+    return np.hstack([m, np.asarray(graph.const(v.bias), dtype=np.float64).reshape(-1, 1)]), h
+
+
 def _compensate_layer(graph: DependencyGraph, v: LinearView, h: NDArray[np.float64], damping: float,
                       comp: Compensation) -> None:
     w = graph.const(v.weight)
-    m = v.matrix(w)
-    bias = graph.const(v.bias) if v.bias else None
-    if bias is None:  # no bias slot: drop the constant row/column
-        h = h[:-1, :-1]
-        aug = m
-    else:
-        aug = np.hstack([m, np.asarray(bias, dtype=np.float64).reshape(-1, 1)])
+    aug, h = augmented(graph, v, h)
     remove = v.removed_columns()
-    energy = float(((aug @ h) * aug).sum()) or 1.0
     res = obs_remove(aug, h, remove, damping)
     kept = np.setdiff1d(np.arange(aug.shape[1]), remove)
     full = np.zeros_like(aug)
     full[:, kept] = res.weights
-    comp.overrides[v.weight] = v.unmatrix(full[:, : m.shape[1]], w)
-    if bias is not None and v.bias:
+    columns = v.matrix(w).shape[1]
+    comp.overrides[v.weight] = v.unmatrix(full[:, :columns], w)
+    if v.bias:
+        bias = graph.const(v.bias)
         comp.overrides[v.bias] = full[:, -1].astype(bias.dtype).reshape(bias.shape)
+    comp.fits.append((v, full))
     comp.layers.append({"node": v.node, "op": v.op, "removed_inputs": int((~v.keep).sum()),
-                        "inputs": int(v.keep.size), "predicted_rel_error": res.error / energy})
+                        "inputs": int(v.keep.size), "predicted_rel_error": res.error / (energy(aug, h) or 1.0)})
+
+
+def measure_layers(graph: DependencyGraph, comp: Compensation, held_out: dict[str, NDArray[np.float64]]) -> None:
+    """Each corrected layer's relative output error tr(ΔA H₂ ΔAᵀ) / tr(A H₂ Aᵀ) on held-out moments H₂
+    of its dense inputs, compensated and plainly pruned: where the fit generalises and where it does not."""
+    for (v, fitted), layer in zip(comp.fits, comp.layers, strict=True):
+        aug, h2 = augmented(graph, v, held_out[v.node])
+        plain = aug.copy()
+        plain[:, v.removed_columns()] = 0.0
+        total = energy(aug, h2) or 1.0
+        layer["measured_rel_error"] = energy(fitted - aug, h2) / total
+        layer["measured_rel_error_uncompensated"] = energy(plain - aug, h2) / total

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from graphprune.errors import UsageError
 
 Target = Literal["channels", "params", "flops"]
-Criterion = Literal["l1", "l2", "random", "bn", "lamp"]
+Criterion = Literal["l1", "l2", "random", "bn", "lamp", "obs"]
 Reduction = Literal["mean", "sum", "max", "prod"]
 Normalizer = Literal["mean", "max", "sum", "none"]
 Compensation = Literal["obs", "none"]

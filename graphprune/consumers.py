@@ -40,8 +40,12 @@ class LinearView:
         return math.prod(self.kernel) if self.op == "Conv" else 1
 
     def removed_columns(self) -> NDArray[np.int64]:
-        gone = np.nonzero(~self.keep)[0]
-        return (gone[:, None] * self.block + np.arange(self.block)[None, :]).reshape(-1)
+        return self.columns_of(np.nonzero(~self.keep)[0])
+
+    def columns_of(self, positions: NDArray[np.int64]) -> NDArray[np.int64]:
+        """The weight-matrix columns that read these input channel positions."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return (positions[:, None] * self.block + np.arange(self.block)[None, :]).reshape(-1)
 
     def matrix(self, w: NDArray[Any]) -> NDArray[np.float64]:
         """W as [out, columns]."""

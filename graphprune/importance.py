@@ -1,33 +1,83 @@
-"""Data-free importance of each unit of a group (pure numpy over the group's parameters).
+"""Data-free importance of each unit of a group.
 
-A criterion scores one member (one parameter dimension) per unit; the group score reduces the
+A weight criterion scores one member (one parameter dimension) per unit; the group score reduces the
 members (mean/sum/max/prod, ignoring members that do not hold a unit) and is normalised within the
-group so that global ranking compares groups of different scale. New criteria register here.
+group so that global ranking compares groups of different scale. A criterion that needs the whole
+model (the OBS error needs layer statistics) does its work in `prepare` and overrides `score_group`.
+New criteria register here.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from onnx import NodeProto
+from threadpoolctl import threadpool_limits
 
-from graphprune.depgraph import DependencyGraph
+from graphprune.compensate import LayerStatistics, augmented
+from graphprune.config import PruneConfig
+from graphprune.consumers import LinearView, linear_views
+from graphprune.depgraph import Consume, DependencyGraph
 from graphprune.errors import UsageError
-from graphprune.groups import Group, Member
+from graphprune.groups import Group, Grouping, Member
+from graphprune.inputs import InputSpec
+from graphprune.obs import energy, removal_errors
+from graphprune.onnxutil import node_name
 
 Scores = NDArray[np.float64]
 
 
+@dataclass
+class ScoringContext:
+    """What a model-level criterion may read; `statistics` is shared with compensation, so moments a
+    criterion computes are not computed again after selection."""
+
+    graph: DependencyGraph
+    grouping: Grouping
+    specs: list[InputSpec]
+    cfg: PruneConfig
+    statistics: LayerStatistics
+
+
 class Criterion:
-    """Scores per unit for one member; `roles` says which members it reads."""
+    """Scores per unit of a group (lower = removed first).
+
+    The default scores members and reduces them; `roles` says which members it reads."""
 
     roles: frozenset[str] = frozenset({"out", "in", "affine"})
 
+    def prepare(self, ctx: ScoringContext) -> None:
+        """Model-level work before any group is scored (weight criteria need none)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the report should say about how scores were made (e.g. fallbacks)."""
+        return {}
+
     def member_scores(self, weights: NDArray[Any], member: Member, n_units: int) -> Scores:
         raise NotImplementedError
+
+    def score_group(self, graph: DependencyGraph, group: Group, reduction: str, normalizer: str,
+                    rng: np.random.Generator) -> Scores:
+        if not self.roles:
+            return rng.random(group.size)
+        rows = [self.member_scores(graph.const(m.tensor), m, group.size)
+                for m in group.members if m.role in self.roles and graph.is_const(m.tensor)]
+        if not rows:
+            return self.without_members(graph, group, reduction, normalizer, rng)
+        with np.errstate(all="ignore"):
+            scores = np.nan_to_num(REDUCERS[reduction](np.stack(rows)), nan=0.0)
+            scale = NORMALIZERS[normalizer](scores)
+        return scores / scale if scale > 0 else scores
+
+    def without_members(self, graph: DependencyGraph, group: Group, reduction: str, normalizer: str,
+                        rng: np.random.Generator) -> Scores:
+        """Scores of a group holding none of the members this criterion reads."""
+        return np.zeros(group.size)
 
 
 CRITERIA: dict[str, Callable[[], Criterion]] = {}
@@ -102,6 +152,11 @@ class BNScale(Criterion):
     def member_scores(self, weights: NDArray[Any], member: Member, n_units: int) -> Scores:
         return per_unit(position_norms(weights, member.axis, 1), member, n_units)
 
+    def without_members(self, graph: DependencyGraph, group: Group, reduction: str, normalizer: str,
+                        rng: np.random.Generator) -> Scores:
+        """No BatchNorm in this group: magnitude instead."""
+        return L2().score_group(graph, group, reduction, normalizer, rng)
+
 
 @register_criterion("random")
 class RandomScore(Criterion):
@@ -130,16 +185,105 @@ def criterion(name: str) -> Criterion:
 
 def group_scores(graph: DependencyGraph, group: Group, crit: Criterion, reduction: str, normalizer: str,
                  rng: np.random.Generator) -> Scores:
-    """Normalised score per unit of `group` (lower = removed first)."""
-    if not crit.roles:
-        return rng.random(group.size)
-    rows = [crit.member_scores(graph.const(m.tensor), m, group.size)
-            for m in group.members if m.role in crit.roles and graph.is_const(m.tensor)]
-    if not rows and isinstance(crit, BNScale):  # no BatchNorm in this group: magnitude instead
-        return group_scores(graph, group, L2(), reduction, normalizer, rng)
-    if not rows:
-        return np.zeros(group.size)
-    with np.errstate(all="ignore"):
-        scores = np.nan_to_num(REDUCERS[reduction](np.stack(rows)), nan=0.0)
-        scale = NORMALIZERS[normalizer](scores)
-    return scores / scale if scale > 0 else scores
+    """Score per unit of `group` (lower = removed first), comparable across groups."""
+    return crit.score_group(graph, group, reduction, normalizer, rng)
+
+
+@register_criterion("obs")
+class ObsError(Criterion):
+    """The OBS error of removing one unit, the rest of each consumer compensated: per consumer
+    tr(W[:, M] (H⁻¹[M, M])⁻¹ W[:, M]ᵀ) on [W | b] and the damped moments compensation uses, divided
+    by the consumer's output energy tr(W H Wᵀ) and summed over consumers. Already comparable across
+    groups, so `reduction` and `normalizer` do not apply.
+
+    A unit also feeding a consumer OBS cannot view (ConvTranspose, MatMul of two activations...) adds
+    that consumer's magnitude share there, ‖W[:, M]‖² / ‖W‖² (its producers' rows where the consumer
+    has no weight); consumers its channels pass through (grouped/depthwise Conv) are scored downstream.
+    """
+
+    def __init__(self) -> None:
+        self.scores: dict[int, Scores] = {}
+        self.info: dict[str, Any] = {}
+
+    def prepare(self, ctx: ScoringContext) -> None:
+        with threadpool_limits(limits=1, user_api="blas"):
+            self.scores, self.info = _obs_scores(ctx)
+
+    def describe(self) -> dict[str, Any]:
+        return self.info
+
+    def score_group(self, graph: DependencyGraph, group: Group, reduction: str, normalizer: str,
+                    rng: np.random.Generator) -> Scores:
+        if group.id not in self.scores:
+            raise RuntimeError("the obs criterion scores groups after prepare() saw the model")
+        return self.scores[group.id]
+
+
+def _free_roots(grouping: Grouping) -> NDArray[np.bool_]:
+    """Per root element: whether its unit is a free unit of a prunable group."""
+    free_root = np.zeros(grouping.roots.size, dtype=bool)
+    for g in grouping.prunable:
+        free_root[g.roots[~g.blocked]] = True
+    return free_root
+
+
+def _obs_scores(ctx: ScoringContext) -> tuple[dict[int, Scores], dict[str, Any]]:
+    graph, grouping = ctx.graph, ctx.grouping
+    scores = {g.id: np.zeros(g.size) for g in grouping.prunable}
+    free_root = _free_roots(grouping)
+    views = linear_views(graph, free_root[grouping.roots])
+    stats = ctx.statistics.get(views)
+    for v in views:
+        _add_view_errors(ctx, v, stats[v.node], free_root, scores)
+    nodes = {node_name(n): n for n in graph.model.graph.node}
+    viewed = {v.node for v in views}
+    by_group: dict[int, set[str]] = {}
+    for c in graph.consumes:
+        if c.node in viewed or _passes_through(graph, grouping, c, nodes[c.node]):
+            continue
+        for r in np.unique(grouping.roots[graph.tracked(c.tensor)[c.axis]]).tolist():
+            if grouping.unit_group[r][0] in scores:
+                by_group.setdefault(grouping.unit_group[r][0], set()).add(c.node)
+    for gid, names in by_group.items():
+        for n in sorted(names):
+            scores[gid] += _magnitude_share(graph, grouping.groups[gid], nodes[n])
+    info: dict[str, Any] = {"consumers_by_obs": len(views), "statistics_source": ctx.statistics.source}
+    if by_group:
+        fell_back = sorted(set().union(*by_group.values()))
+        info["magnitude_fallback"] = {"groups": len(by_group),
+                                      "consumers": [{"node": n, "op": nodes[n].op_type} for n in fell_back]}
+    return scores, info
+
+
+def _passes_through(graph: DependencyGraph, grouping: Grouping, c: Consume, node: NodeProto) -> bool:
+    """Whether the consumed channels live on in the node's output (grouped or depthwise Conv, the head
+    axis of attention products): their removal is then scored at the output's own consumers."""
+    consumed = set(grouping.roots[graph.tracked(c.tensor)[c.axis]].tolist())
+    return any(consumed & set(grouping.roots[labels].tolist())
+               for o in node.output for labels in graph.tracked(o).values())
+
+
+def _magnitude_share(graph: DependencyGraph, group: Group, node: NodeProto) -> Scores:
+    """Each unit's share ‖W[:, M]‖² / ‖W‖² of a consumer's weight (of its producers' rows when the
+    consumer has no constant weight): the OBS error on the same scale under H = I, uncompensated."""
+    rows = [m for m in group.members if m.role == "in" and m.tensor in node.input and graph.is_const(m.tensor)]
+    rows = rows or [m for m in group.members if m.role == "out" and graph.is_const(m.tensor)]
+    shares = []
+    for m in rows:
+        norms = position_norms(graph.const(m.tensor), m.axis, 2)
+        shares.append(np.nan_to_num(per_unit(norms, m, group.size) / (norms.sum() or 1.0)))
+    return np.mean(shares, axis=0) if shares else np.zeros(group.size)
+
+
+def _add_view_errors(ctx: ScoringContext, v: LinearView, h: NDArray[np.float64], free_root: NDArray[np.bool_],
+                     scores: dict[int, Scores]) -> None:
+    """Add each free unit's relative OBS error in consumer `v` to its group's scores."""
+    grouping = ctx.grouping
+    aug, h = augmented(ctx.graph, v, h)
+    roots = grouping.roots[ctx.graph.tracked(v.x)[v.x_axis]]
+    units = [r for r in np.unique(roots).tolist() if free_root[r]]
+    blocks = [v.columns_of(np.nonzero(roots == r)[0]) for r in units]
+    errors = removal_errors(aug, h, blocks, ctx.cfg.damping) / (energy(aug, h) or 1.0)
+    for r, e in zip(units, errors, strict=True):
+        gid, unit = grouping.unit_group[r]
+        scores[gid][unit] += e

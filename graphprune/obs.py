@@ -97,3 +97,27 @@ def least_squares_refit(w: F64, h: F64, kept: NDArray[np.int64], damping: float 
     """argmin_V E||W x − V x_K||² = W·H[:, K]·H[K, K]⁻¹ (with the same damping as OBS)."""
     hd = damped(h, damping)
     return np.asarray(w @ hd[:, kept] @ inverse(hd[np.ix_(kept, kept)]), dtype=np.float64)
+
+
+def energy(a: F64, h: F64) -> float:
+    """E‖A·x‖² = tr(A H Aᵀ) for H = E[x xᵀ]: a layer's output energy, or its error energy for A = ΔW."""
+    return float(((a @ h) * a).sum())
+
+
+def removal_errors(w: F64, h: F64, blocks: list[NDArray[np.int64]], damping: float = 0.01) -> F64:
+    """The OBS error of removing each column block M alone, the rest compensated:
+    tr(W[:, M] (H⁻¹[M, M])⁻¹ W[:, M]ᵀ) on the damped H, i.e. `obs_remove(w, h, M, damping).error`,
+    for every block at the cost of one inverse (blocks of equal size are solved as one batch)."""
+    hinv = inverse(damped(h, damping))
+    out = np.zeros(len(blocks))
+    by_size: dict[int, list[int]] = {}
+    for i, m in enumerate(blocks):
+        by_size.setdefault(int(m.size), []).append(i)
+    for size, idx in by_size.items():
+        if size == 0:
+            continue
+        ms = np.stack([np.asarray(blocks[i], dtype=np.int64) for i in idx])  # [k, size]
+        sub = hinv[ms[:, :, None], ms[:, None, :]]  # [k, size, size]
+        wm = np.moveaxis(w[:, ms], 0, -1)  # [k, size, out]
+        out[idx] = (wm * np.linalg.solve(sub, wm)).sum(axis=(1, 2))
+    return np.maximum(out, 0.0)

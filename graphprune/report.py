@@ -18,6 +18,7 @@ class Report:
     validation: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     compensation: dict[str, Any] = field(default_factory=dict)
+    importance: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,5 +61,30 @@ class Report:
             lines.append(f"OBS compensation {state}: {len(c['layers'])} layers, H from {c['source']}, "
                          f"held-out rel. error {check.get('relative_error_uncompensated', 0):.3g} -> "
                          f"{check.get('relative_error_compensated', 0):.3g}")
+            lines.extend(_layer_lines(c["layers"]))
+        fallback = self.importance.get("magnitude_fallback")
+        if fallback:
+            ops = sorted({f["op"] for f in fallback["consumers"]})
+            lines.append(f"importance: {self.importance['criterion']} scores of {fallback['groups']} group(s) use "
+                         f"magnitude for {len(fallback['consumers'])} consumer(s) OBS cannot model "
+                         f"({', '.join(ops)})")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _layer_lines(layers: list[dict[str, Any]], shown: int = 8) -> list[str]:
+    """The corrected layers with the largest held-out error: relative output error predicted on the
+    fitting statistics vs measured on held-out inputs (and without compensation, for scale)."""
+    measured = [lay for lay in layers if "measured_rel_error" in lay]
+    if not measured:
+        return []
+    worst = sorted(measured, key=lambda lay: -lay["measured_rel_error"])[:shown]
+    head = "layer (worst held-out first)"
+    width = max(len(head), *(len(lay["node"]) for lay in worst))
+    lines = [f"  {head:<{width}}  removed    predicted  held-out  uncompensated"]
+    lines += [f"  {lay['node']:<{width}}  {lay['removed_inputs']:>3}/{lay['inputs']:<5}  "
+              f"{lay['predicted_rel_error']:>9.3g}  {lay['measured_rel_error']:>8.3g}  "
+              f"{lay['measured_rel_error_uncompensated']:>13.3g}" for lay in worst]
+    if len(measured) > shown:
+        lines.append(f"  ... {len(measured) - shown} more layer(s) in the JSON report")
+    return lines

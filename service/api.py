@@ -66,6 +66,19 @@ _BODY = {
                            options.CONFIG_PARAM: {"type": "string", "description": "JSON object of options"}},
             "additionalProperties": {"type": "string", "description": "an option, as in the query string"},
         }},
+        upload.JSON_MEDIA: {"schema": {
+            "type": "object", "required": [options.SOURCE],
+            "description": "prune a model from the server's MLflow registry instead of an upload (needs "
+                           "MLFLOW_TRACKING_URI on the server); query parameters override these options",
+            "properties": {
+                options.SOURCE: {"type": "string", "pattern": "^(models|runs):/.+",
+                                 "description": "models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH"},
+                options.REGISTER_AS: {"type": "string", "description": "register the result as a new version of "
+                                                                       "this registered model"},
+                options.CONFIG_PARAM: {"type": "object", "description": "options, named as in the query string"},
+            },
+            "additionalProperties": {"description": "an option, as in the query string"},
+        }},
     },
 }
 _EVENT = {  # one event (OpenAPI 3.1 reads an event stream's schema per event)
@@ -81,18 +94,25 @@ _ACCEPTED = {"description": "accepted; poll Location", "headers": {
 
 
 @jobs.post("", status_code=202, response_model=JobView,
-           responses={202: _ACCEPTED, **problems.responses(400, 409, 413, 415, 422, 429)},
+           responses={202: _ACCEPTED, **problems.responses(400, 409, 413, 415, 422, 424, 429)},
            openapi_extra={"parameters": options.openapi_parameters(), "requestBody": _BODY})
 async def submit(request: Request, rt: Rt,
                  idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
-    """Upload a model (raw .onnx body, or a multipart form with a `model` file) and queue a pruning job.
+    """Upload a model (raw .onnx body, or a multipart form with a `model` file) and queue a pruning job;
+    or name a model in the server's MLflow registry with a JSON body `{"source": "models:/NAME/VERSION"}`.
 
     Options are query parameters (or form fields, or a JSON `config`), checked before the body is read.
+    424: the MLflow store could not be reached.
     """
     rt.check_accepting()
     query = list(request.query_params.multi_items())
     opts = options.parse(query)
-    body = await upload.receive(request, rt.artifacts.uploads, rt.settings.max_upload_bytes)
+    if upload.media_type(request) == upload.JSON_MEDIA:
+        opts = options.parse_json(query, await upload.receive_json(request))
+        body = await upload.fetch(opts[options.SOURCE], rt.artifacts.root, rt.artifacts.uploads,
+                                  rt.settings.max_upload_bytes)
+    else:
+        body = await upload.receive(request, rt.artifacts.uploads, rt.settings.max_upload_bytes)
     try:
         if body.fields:
             opts = options.parse(query + body.fields)

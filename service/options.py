@@ -2,7 +2,8 @@
 
 Nothing here lists the options: names, types and rules come from `PruneConfig` (its fields for
 coercing query-string text, `PruneConfig.from_dict` for unknown names and ranges), so an option
-the library adds is accepted by the API the day it lands.
+the library adds is accepted by the API the day it lands. The only others are the MLflow job
+options (`source`, `register_as`), which the worker strips before pruning (`split`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, get_origin, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
 
+from graphprune import mlflow_io
 from graphprune.config import PruneConfig
 from graphprune.errors import GraphpruneError
 from service.problems import Problem
@@ -22,6 +24,9 @@ from service.problems import Problem
 CONFIG_PARAM = "config"  # a JSON object of options; single options given beside it win
 # Options that name files on the machine that runs the job: a client must not point at the server's.
 SERVER_PATH_OPTIONS = frozenset({"calibration"})
+SOURCE = "source"  # an MLflow model URI to prune instead of an upload; only in a JSON body
+REGISTER_AS = "register_as"  # register the pruned model in MLflow as a new version of this name
+JOB_OPTIONS = frozenset({SOURCE, REGISTER_AS})  # job options that are not PruneConfig fields
 
 
 @cache
@@ -45,7 +50,30 @@ def parse(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
         raise Problem(422, f"{CONFIG_PARAM!r} was given {len(configs)} times; give one JSON object")
     options = _config_object(configs[0]) if configs and configs[0].strip() else {}
     options.update({name: _from_text(name, values) for name, values in texts.items()})
+    if SOURCE in options:
+        raise Problem(422, f"{SOURCE!r} names the model to prune: send it in a JSON body "
+                           '(Content-Type: application/json, {"source": "models:/NAME/VERSION"}), not beside a model')
     return validate(options)
+
+
+def parse_json(pairs: Iterable[tuple[str, str]], text: bytes) -> dict[str, Any]:
+    """Options of a JSON body: `source` (required), `register_as`, `config` and single options.
+    Query parameters win over the body, as single options win over `config`."""
+    body = _config_object(text.decode("utf-8", "replace"), "the JSON body")
+    config = body.pop(CONFIG_PARAM, {})
+    if not isinstance(config, dict):
+        raise Problem(422, f"{CONFIG_PARAM!r} in the JSON body must be an object of options")
+    if SOURCE not in body:
+        raise Problem(422, f"a JSON body names an MLflow model to prune: {{{SOURCE!r}: \"models:/NAME/VERSION\"}}; "
+                           "upload a model as application/octet-stream or multipart/form-data instead")
+    query = parse(pairs)
+    return validate({**config, **body, **query})
+
+
+def split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A job's options → (the PruneConfig options, the MLflow job options)."""
+    return ({k: v for k, v in options.items() if k not in JOB_OPTIONS},
+            {k: v for k, v in options.items() if k in JOB_OPTIONS})
 
 
 def validate(options: dict[str, Any]) -> dict[str, Any]:
@@ -54,9 +82,10 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
     if forbidden:
         raise Problem(422, f"option(s) {', '.join(forbidden)} name files on the server and cannot be set "
                            "through the API")
+    config, job = split(options)
     types = _types()
     coerced: dict[str, Any] = {}
-    for name, value in options.items():
+    for name, value in config.items():
         if name not in types:
             coerced[name] = value  # left for from_dict, which names every unknown option
             continue
@@ -69,16 +98,36 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
         PruneConfig.from_dict(coerced)
     except GraphpruneError as exc:
         raise Problem(422, str(exc)) from None
-    return coerced
+    return {**coerced, **_job_options(job)}
 
 
-def _config_object(text: str) -> dict[str, Any]:
+def _job_options(job: dict[str, Any]) -> dict[str, Any]:
+    """`source` and `register_as` checked by pattern, and only accepted when this server can use MLflow."""
+    if not job:
+        return {}
+    for name, value in job.items():
+        if not isinstance(value, str):
+            raise Problem(422, f"option {name!r} must be a string, got {value!r}")
+    try:
+        if SOURCE in job:
+            mlflow_io.check_uri(job[SOURCE])
+        if REGISTER_AS in job:
+            mlflow_io.check_name(job[REGISTER_AS])
+    except GraphpruneError as exc:
+        raise Problem(422, str(exc)) from None
+    reason = mlflow_io.unavailable_reason()
+    if reason:
+        raise Problem(422, f"option(s) {', '.join(sorted(job))} need MLflow, and {reason}")
+    return job
+
+
+def _config_object(text: str, what: str = repr(CONFIG_PARAM)) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise Problem(422, f"{CONFIG_PARAM!r} is not valid JSON: {exc}") from None
+        raise Problem(422, f"{what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise Problem(422, f"{CONFIG_PARAM!r} must be a JSON object of options, got {type(value).__name__}")
+        raise Problem(422, f"{what} must be a JSON object of options, got {type(value).__name__}")
     return value
 
 
@@ -114,4 +163,8 @@ def openapi_parameters() -> list[dict[str, Any]]:
         else:
             schema = {**_adapter(name).json_schema(), "default": default}
         params.append({"name": name, "in": "query", "required": False, "schema": schema})
+    params.append({"name": REGISTER_AS, "in": "query", "required": False, "description": (
+        "register the pruned model in the server's MLflow registry as a new version of this name "
+        "(422 when the server has no MLflow store configured)"),
+        "schema": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": mlflow_io.NAME_PATTERN}})
     return params

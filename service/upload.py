@@ -4,12 +4,17 @@ A raw `application/octet-stream` body is the model; a `multipart/form-data` body
 it in a `model` file part and may carry options as text fields. Before a job is accepted the file
 is checked to be a protobuf message with a graph in it, so empty, garbage and truncated bodies
 get a 400 at once instead of a job that fails later. The real parse happens in the worker.
+
+An `application/json` body names an MLflow model instead (`fetch`): it is downloaded under the
+same byte cap and, unlike an upload, parsed here with the library's safe loader, because its
+external-data files must be folded into the one self-contained input file a job has.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -22,11 +27,18 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
+from graphprune import mlflow_io
+from graphprune.errors import InvalidModelError, ModelTooLargeError, UsageError
+from graphprune.model import load_model
 from service.artifacts import CHUNK
 from service.problems import Problem
 
 MODEL_PART = "model"
 MULTIPART_OVERHEAD = 1 << 20  # boundaries, part headers and option fields on top of the model
+JSON_MEDIA = "application/json"
+MAX_JSON_BYTES = 1 << 16  # a JSON body only names a model and options
+# MLflow retries an unreachable server with backoff for minutes by default; a submit request fails fast
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 @dataclass
@@ -39,11 +51,12 @@ class Upload:
 
 async def receive(request: Request, directory: Path, max_bytes: int) -> Upload:
     """Store the request's model under `directory` (raises 400/413/415/422 as Problems)."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = media_type(request)
     if media not in ("application/octet-stream", "multipart/form-data"):
         raise Problem(415, f"unsupported media type {media or '(none)'!r}: send the .onnx bytes as "
                            "application/octet-stream (curl --data-binary @model.onnx -H 'Content-Type: "
-                           "application/octet-stream') or a multipart/form-data form with a 'model' file")
+                           "application/octet-stream'), a multipart/form-data form with a 'model' file, or "
+                           'application/json naming an MLflow model ({"source": "models:/NAME/VERSION"})')
     declared = request.headers.get("content-length")
     overhead = MULTIPART_OVERHEAD if media == "multipart/form-data" else 0
     if declared and declared.isdigit() and int(declared) > max_bytes + overhead:
@@ -60,6 +73,59 @@ async def receive(request: Request, directory: Path, max_bytes: int) -> Upload:
         path.unlink(missing_ok=True)
         raise
     return upload
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def receive_json(request: Request) -> bytes:
+    """A small JSON body, whole (413 past MAX_JSON_BYTES)."""
+    data = bytearray()
+    try:
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_JSON_BYTES:
+                raise Problem(413, f"a JSON body is limited to {MAX_JSON_BYTES:,} bytes; it only names a model")
+    except ClientDisconnect:
+        raise Problem(400, "the client went away before the end of the body") from None
+    return bytes(data)
+
+
+async def fetch(uri: str, scratch: Path, directory: Path, max_bytes: int) -> Upload:
+    """Download an MLflow model into `directory` as one self-contained file, as if it had been uploaded.
+
+    422: the URI names nothing usable · 424: the MLflow store failed · 413: over `max_bytes` ·
+    400: not a loadable model. `scratch` holds the download (a folder the startup sweep removes).
+    """
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    return await run_in_threadpool(_fetch, uri, scratch, directory / f"{uuid.uuid4().hex}.part", max_bytes)
+
+
+def _fetch(uri: str, scratch: Path, path: Path, max_bytes: int) -> Upload:
+    try:
+        with tempfile.TemporaryDirectory(dir=scratch, prefix="mlflow-") as tmp:
+            local = mlflow_io.download(uri, Path(tmp), max_bytes=max_bytes)
+            data = load_model(local, max_bytes=max_bytes).SerializeToString()
+    except mlflow_io.MlflowUnavailableError as exc:
+        raise Problem(424, str(exc)) from None
+    except ModelTooLargeError as exc:
+        raise Problem(413, f"{exc} (GRAPHPRUNE_MAX_UPLOAD_BYTES)") from None
+    except InvalidModelError as exc:
+        raise Problem(400, f"{uri}: {exc}") from None
+    except (UsageError, ValueError) as exc:  # MlflowError; ValueError: protobuf's 2 GiB limit on serializing
+        raise Problem(422, str(exc)) from None
+    if len(data) > max_bytes:
+        raise _too_large(max_bytes)
+    try:
+        with path.open("wb") as out:
+            out.write(data)
+            _sync(out)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return Upload(path, len(data), hashlib.sha256(data).hexdigest())
 
 
 def _too_large(max_bytes: int) -> Problem:

@@ -9,6 +9,7 @@ records from the exit status.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import resource
@@ -21,10 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from graphprune import GraphpruneError, prune
+from onnx import ModelProto
+
+from graphprune import GraphpruneError, mlflow_io, prune
 from graphprune.api import Progress, PruneResult, Source
-from service.artifacts import Artifacts, atomic_write
+from service.artifacts import Artifacts, atomic_write, file_digest
 from service.jobs import JobError, JobStore, Status
+from service.options import REGISTER_AS, SOURCE, split
 from service.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
@@ -80,7 +84,23 @@ def prune_job(source: Source, options: dict[str, Any], progress: Progress, stage
         progress(stage, fraction)
         time.sleep(stage_delay_s)
 
-    return prune(source, options, progress=step)
+    config, mlflow_options = split(options)
+    result = prune(source, config, progress=step)
+    if REGISTER_AS in mlflow_options:
+        register(result, source, mlflow_options)
+    return result
+
+
+def register(result: PruneResult, source: Source, mlflow_options: dict[str, Any]) -> None:
+    """Register the result in the server's MLflow store as the job asked (its report gets the `mlflow`
+    entry); the version's source tag is the MLflow URI the job pruned, else the upload's sha256."""
+    origin = mlflow_options.get(SOURCE) or f"upload sha256:{_sha256(source)}"
+    mlflow_io.register_result(result, name=mlflow_options[REGISTER_AS], source=origin)
+
+
+def _sha256(source: Source) -> str:
+    data = source.SerializeToString() if isinstance(source, ModelProto) else source
+    return hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else file_digest(Path(data))[1]
 
 
 def record_success(store: JobStore, files: Artifacts, job_id: str, attempt: int, write_model: Callable[[Path], object],

@@ -1,4 +1,4 @@
-"""Accuracy after pruning to -30/-50/-70% FLOPs: dense, magnitude, OBS, OBS with calibration, Torch-Pruning.
+"""Accuracy after pruning to -30/-50/-70% FLOPs: dense, magnitude, OBS variants, Torch-Pruning (see METHODS).
 
     python -m benchmarks.accuracy.run [--quick] [--models digits-resnet,minilm-l6] [--ratios 0.5]
 
@@ -59,6 +59,9 @@ METHODS = (
     Method("obs", "OBS (data-free)", "graphprune", {"criterion": "l2", "compensate": "obs"}),
     Method("obs_calib", "OBS + calibration data", "graphprune", {"criterion": "l2", "compensate": "obs"},
            calibrated=True),
+    Method("obs_crit", "OBS importance + OBS (data-free)", "graphprune", {"criterion": "obs", "compensate": "obs"}),
+    Method("obs_crit_calib", "OBS importance + OBS + calibration data", "graphprune",
+           {"criterion": "obs", "compensate": "obs"}, calibrated=True),
     Method("torch_pruning", "Torch-Pruning L2 (no compensation), at its MACs count", "torch-pruning",
            {"counter": "tp"}),
     Method("torch_pruning_gp", "Torch-Pruning L2 (no compensation), at graphprune's MACs count", "torch-pruning",

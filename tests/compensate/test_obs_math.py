@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphprune.obs import least_squares_refit, obs_remove
+from graphprune.obs import least_squares_refit, obs_remove, removal_errors
 
 
 def _layer(seed: int, d: int = 24, n: int = 400, out: int = 7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,3 +55,11 @@ def test_zero_removal_changes_nothing() -> None:
     res = obs_remove(w, h, np.array([], dtype=np.int64))
     np.testing.assert_array_equal(res.weights, w)
     assert res.error == 0.0
+
+
+def test_removal_errors_are_obs_remove_errors_block_by_block() -> None:
+    w, _, h = _layer(4)
+    blocks = [np.array([0]), np.array([3, 4]), np.array([7, 8]), np.array([10, 11, 12]), np.array([], dtype=np.int64)]
+    got = removal_errors(w, h, blocks, damping=0.01)
+    want = [obs_remove(w, h, m, damping=0.01).error for m in blocks]
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-10)

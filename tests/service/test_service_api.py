@@ -100,7 +100,8 @@ def _no_graph() -> bytes:
     (b"GIF89a\x01\x00 definitely not protobuf" * 50, OCTET, 400, ["not an ONNX model"]),
     (_truncated(), OCTET, 400, ["truncated"]),
     (_no_graph(), OCTET, 400, ["no graph"]),
-    (DEMO, {"Content-Type": "application/json"}, 415, ["application/octet-stream"]),
+    (DEMO, {"Content-Type": "text/plain"}, 415, ["application/octet-stream", "application/json"]),
+    (DEMO, {"Content-Type": "application/json"}, 413, ["a JSON body is limited"]),  # JSON names an MLflow model
     (DEMO, {"Content-Type": ""}, 415, ["none"]),
     (DEMO * 3, OCTET, 413, ["GRAPHPRUNE_MAX_UPLOAD_BYTES"]),
 ])

@@ -1,0 +1,169 @@
+"""The OBS importance criterion on small torch-exported nets: its score is the OBS error compensation
+predicts, redundant channels score ~0, and one statistics pass serves both scoring and compensation."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from graphprune import api, cli
+from graphprune import compensate as comp_mod
+from graphprune.api import analyze
+from graphprune.compensate import LayerStatistics, compensate, measure_layers
+from graphprune.config import PruneConfig
+from graphprune.groups import Group
+from graphprune.importance import ScoringContext, criterion
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class Branches(nn.Module):
+    """c1's channels feed two consumers (a 3x3 and a 1x1 conv, summed), so a unit's score is a sum."""
+
+    def __init__(self, transpose: bool = False) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.c3 = (nn.ConvTranspose2d(6, 8, 1) if transpose else nn.Conv2d(6, 8, 1))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: Any) -> Any:
+        a = self.c1(x)  # no nonlinearity: a channel can be an exact combination of others
+        y = torch.relu(self.c2(a) + self.c3(a))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def _export(net: nn.Module) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    net.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), buf, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.ir_version = min(proto.ir_version, 10)
+    return proto
+
+
+def _net(redundant: bool = False, transpose: bool = False) -> onnx.ModelProto:
+    torch.manual_seed(0)
+    net = Branches(transpose)
+    if redundant:  # c1's channel 3 = channel 0 + 2 * channel 1, bias included
+        with torch.no_grad():
+            net.c1.weight[3] = net.c1.weight[0] + 2 * net.c1.weight[1]
+            net.c1.bias[3] = net.c1.bias[0] + 2 * net.c1.bias[1]
+    return _export(net)
+
+
+def _scored(model: onnx.ModelProto, **cfg: Any) -> tuple[api.Analysis, PruneConfig, LayerStatistics,
+                                                            dict[int, np.ndarray], dict[str, Any]]:
+    config = PruneConfig(criterion="obs", samples=32, **cfg)
+    an = analyze(model, config)
+    stats = LayerStatistics(an.graph, an.specs, config)
+    crit = criterion("obs")
+    crit.prepare(ScoringContext(an.graph, an.grouping, an.specs, config, stats))
+    rng = np.random.default_rng(0)
+    scores = {g.id: crit.score_group(an.graph, g, "mean", "mean", rng) for g in an.grouping.prunable}
+    return an, config, stats, scores, crit.describe()
+
+
+def _c1_group(an: api.Analysis) -> Group:
+    return next(g for g in an.grouping.prunable if any("c1" in p for p in g.producers))
+
+
+def _removed_elements(an: api.Analysis, group: Group, units: list[int]) -> np.ndarray:
+    removed_root = np.zeros(an.grouping.roots.size, dtype=bool)
+    removed_root[group.roots[units]] = True
+    return removed_root[an.grouping.roots]
+
+
+def test_score_is_the_obs_error_compensation_predicts() -> None:
+    an, cfg, stats, scores, info = _scored(_net())
+    group = _c1_group(an)
+    assert info["consumers_by_obs"] >= 3 and "magnitude_fallback" not in info
+    for unit in range(group.size):
+        comp = compensate(an.graph, _removed_elements(an, group, [unit]), an.specs, cfg, statistics=stats)
+        assert len(comp.layers) == 2  # both convs reading c1
+        predicted = sum(layer["predicted_rel_error"] for layer in comp.layers)
+        assert scores[group.id][unit] == pytest.approx(predicted, rel=1e-6)
+
+
+def test_a_channel_the_others_reproduce_scores_zero() -> None:
+    an, _, _, scores, _ = _scored(_net(redundant=True), damping=1e-9)
+    s = scores[_c1_group(an).id]
+    # 3 = 0 + 2·1, so each of 0, 1, 3 is exactly what the other two reproduce; 2, 4, 5 are not
+    assert s[[0, 1, 3]].max() < 1e-6 * s[[2, 4, 5]].min()
+
+
+def test_compensation_reuses_the_criterion_statistics_unchanged() -> None:
+    an, cfg, stats, _, _ = _scored(_net())
+    group = _c1_group(an)
+    removed = _removed_elements(an, group, [1, 4])
+    shared = compensate(an.graph, removed, an.specs, cfg, statistics=stats)
+    fresh = compensate(an.graph, removed, an.specs, cfg)
+    assert stats.passes == 1
+    assert shared.overrides.keys() == fresh.overrides.keys()
+    for name, value in shared.overrides.items():
+        np.testing.assert_array_equal(value, fresh.overrides[name])
+
+
+def test_measured_error_on_the_fitting_statistics_is_the_predicted_one() -> None:
+    an, cfg, stats, _, _ = _scored(_net(), damping=0.0)
+    removed = _removed_elements(an, _c1_group(an), [0, 2, 5])
+    comp = compensate(an.graph, removed, an.specs, cfg, statistics=stats)
+    measure_layers(an.graph, comp, stats.get([v for v, _ in comp.fits]))
+    for layer in comp.layers:
+        assert layer["measured_rel_error"] == pytest.approx(layer["predicted_rel_error"], rel=1e-6, abs=1e-12)
+        assert layer["measured_rel_error"] < layer["measured_rel_error_uncompensated"]
+
+
+def test_consumer_obs_cannot_view_falls_back_to_magnitude_and_says_so() -> None:
+    an, _, _, scores, info = _scored(_net(transpose=True))
+    fallback = info["magnitude_fallback"]
+    assert [c["op"] for c in fallback["consumers"]] == ["ConvTranspose"]
+    assert fallback["groups"] == 1
+    assert np.all(scores[_c1_group(an).id] > 0)
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real: Callable[..., Any] = comp_mod.layer_moments
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(comp_mod, "layer_moments", counted)
+    return calls
+
+
+def test_cli_prune_with_obs_criterion_runs_one_statistics_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    src, out, rep = tmp_path / "m.onnx", tmp_path / "p.onnx", tmp_path / "r.json"
+    onnx.save_model(_net(), src)
+    calls = _counting(monkeypatch)
+    rc = cli.main(["prune", str(src), str(out), "--sparsity", "0.4", "--target", "flops", "--criterion", "obs",
+                   "--global", "--samples", "32", "--latency-runs", "0", "--report", str(rep)])
+    assert rc == 0 and out.is_file()
+    assert len(calls) == 1  # scoring asked for every consumer; compensation found its subset there
+    report = json.loads(rep.read_text())
+    assert report["importance"]["criterion"] == "obs"
+    layers = report["compensation"]["layers"]
+    assert layers and all(lay["measured_rel_error"] >= 0 for lay in layers)
+    assert "held-out" in capsys.readouterr().out  # the per-layer table in the summary
+
+
+def test_weight_criteria_still_compute_statistics_only_for_compensation(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting(monkeypatch)
+    res = api.prune(_net(), sparsity=0.4, criterion="l2", samples=32, latency_runs=0)
+    assert len(calls) == 1 and calls[0] == len(res.report.compensation["layers"])
+    assert res.report.importance == {"criterion": "l2"}
