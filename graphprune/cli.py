@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from graphprune import __version__
+from graphprune import __version__, mlflow_io
 from graphprune.api import analyze, prune
 from graphprune.client import DEFAULT_URL
 from graphprune.config import COMPENSATIONS, HESSIAN_SOURCES, TARGETS, PruneConfig
@@ -43,9 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prune", help="prune a model", epilog=EPILOG)
-    pr.add_argument("input", type=Path)
+    pr.add_argument("input", type=Path, help="an .onnx file, or an MLflow model URI (models:/NAME/VERSION, "
+                                             "models:/NAME@ALIAS, runs:/RUN_ID/PATH)")
     pr.add_argument("output", type=Path)
     _add_prune_options(pr)
+    _add_mlflow_options(pr, local=True)
 
     ins = sub.add_parser("inspect", help="show groups, why some cannot be pruned, params and FLOPs")
     ins.add_argument("input", type=Path)
@@ -65,13 +68,22 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     sb = sub.add_parser("submit", help="prune on a graphprune server, with a progress bar", epilog=EPILOG)
-    sb.add_argument("input", type=Path)
+    sb.add_argument("input", type=Path, help="an .onnx file, or an MLflow model URI the server downloads")
     sb.add_argument("output", type=Path)
     sb.add_argument("--server", help=f"server URL (default $GRAPHPRUNE_URL, else {DEFAULT_URL})")
     sb.add_argument("--token", help="bearer token (default $GRAPHPRUNE_API_TOKEN)")
     sb.add_argument("--timeout", type=float, help="stop waiting after this many seconds (the job goes on)")
     _add_prune_options(sb)
+    _add_mlflow_options(sb, local=False)
     return p
+
+
+def _add_mlflow_options(p: argparse.ArgumentParser, local: bool) -> None:
+    """MLflow options (graphprune[mlflow]); with `submit` the server's own MLflow store is used."""
+    p.add_argument("--register-as", metavar="NAME",
+                   help="register the pruned model in MLflow as a new version of NAME (report: 'mlflow' entry)")
+    if local:
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
 
 
 def _add_prune_options(pr: argparse.ArgumentParser) -> None:
@@ -134,10 +146,11 @@ def _advance(bar: tqdm[Any]) -> Callable[[str, float], None]:
 
 def _prune(args: argparse.Namespace) -> int:
     cfg = PruneConfig.from_dict(_options(args))
-    if not args.input.is_file():
-        raise UsageError(f"input model not found: {args.input}")
-    with _progress_bar(args.quiet) as bar:
-        result = prune(args.input, cfg, progress=_advance(bar))
+    with _local_input(args, cfg.max_model_bytes) as source, _progress_bar(args.quiet) as bar:
+        result = prune(source, cfg, progress=_advance(bar))
+    if args.register_as:
+        origin = str(args.input) if mlflow_io.is_model_uri(str(args.input)) else str(args.input.absolute())
+        mlflow_io.register_result(result, name=args.register_as, source=origin, tracking_uri=args.tracking_uri)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     result.save(args.output)
     if args.report:
@@ -146,18 +159,34 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _local_input(args: argparse.Namespace, max_bytes: int) -> Iterator[Path]:
+    """The input as a local file: an MLflow model URI is downloaded to a temporary folder first."""
+    if mlflow_io.is_model_uri(str(args.input)):
+        with mlflow_io.fetched(str(args.input), max_bytes=max_bytes, tracking_uri=args.tracking_uri) as path:
+            yield path
+        return
+    if not args.input.is_file():
+        raise UsageError(f"input model not found: {args.input}")
+    yield args.input
+
+
 def _submit(args: argparse.Namespace) -> int:
     from graphprune.client import Client
     from graphprune.report import Report
 
-    if not args.input.is_file():
+    remote = mlflow_io.is_model_uri(str(args.input))
+    if not remote and not args.input.is_file():
         raise UsageError(f"input model not found: {args.input}")
+    extra = {"register_as": args.register_as} if args.register_as else {}
     with Client(args.server, token=args.token) as client, _progress_bar(args.quiet) as bar:
-        report = client.prune(args.input, args.output, _options(args), timeout=args.timeout, progress=_advance(bar))
+        report = client.prune(str(args.input) if remote else args.input, args.output, {**_options(args), **extra},
+                              timeout=args.timeout, progress=_advance(bar))
     if args.report:
         args.report.write_text(json.dumps(report, indent=2))
-    known = Report.__dataclass_fields__  # a server of another version may report more
-    _done(args, Report(**{k: v for k, v in report.items() if k in known}).summary())
+    kind = mlflow_io.RegisteredReport if "mlflow" in report else Report
+    known = kind.__dataclass_fields__  # a server of another version may report more
+    _done(args, kind(**{k: v for k, v in report.items() if k in known}).summary())
     return 0
 
 
