@@ -11,8 +11,9 @@ from typing import Any
 import onnx
 import pytest
 from mlflow_testing import Store, initializer_count, local_store
-from service_testing import DEMO, FAST, OCTET, asgi
+from service_testing import DEMO, FAST, OCTET, asgi, live_server
 
+from graphprune.cli import main
 from graphprune.demo import demo_model
 from service.settings import Settings
 
@@ -87,3 +88,13 @@ async def test_bad_sources_are_4xx_problems(store: Store, settings: Make, monkey
         _problem(await post({"source": source}), 422, "no MLflow store configured (MLFLOW_TRACKING_URI)")
         _problem(await api.submit(register_as="x"), 422, "register_as need MLflow")
         assert not (await api.client.get("/v1/jobs")).json()["items"]
+
+
+def test_cli_submit_names_an_mlflow_model(store: Store, settings: Make, tmp_path: Path) -> None:
+    source = store.register_demo("demo")
+    out, rep = tmp_path / "out.onnx", tmp_path / "report.json"
+    with live_server(settings()) as url:
+        assert main(["submit", source, str(out), "--server", url, "--sparsity", "0.3", "--register-as", "remote",
+                     "--report", str(rep), "--latency-runs", "0", "-q"]) == 0
+    assert json.loads(rep.read_text())["mlflow"]["model_uri"] == "models:/remote/1" and out.is_file()
+    assert store.client.get_model_version("remote", "1").tags["graphprune.source"] == source
