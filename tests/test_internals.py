@@ -81,3 +81,27 @@ def test_session_with_in_memory_weights_equals_plain_session(ir_version: int) ->
     probe = runtime.probe_session(model, ["h"])
     assert set(runtime.run(probe, x)) == {"z", "h"}
     assert model.SerializeToString() == before  # the caller's model is never modified
+
+
+def test_check_catches_bad_weight_bytes_and_bad_graphs() -> None:
+    """The checker sees the weightless view, so the byte counts of large weights are checked apart."""
+    from graphprune.errors import ValidationFailedError
+    from graphprune.validate import check
+
+    w = numpy_helper.from_array(np.ones((256, 64), dtype=np.float32), "w")  # beyond the view's data limit
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    check(model)
+    truncated = onnx.ModelProto()
+    truncated.CopyFrom(model)
+    truncated.graph.initializer[0].raw_data = truncated.graph.initializer[0].raw_data[:-4]
+    with pytest.raises(ValidationFailedError, match="'w' holds 65532 bytes, its shape"):
+        check(truncated)
+    wrong_shape = onnx.ModelProto()
+    wrong_shape.CopyFrom(model)
+    del wrong_shape.graph.initializer[0].dims[:]
+    wrong_shape.graph.initializer[0].dims.extend([64, 256])  # same bytes, a shape the MatMul cannot take
+    with pytest.raises(ValidationFailedError, match=r"onnx\.checker"):
+        check(wrong_shape)
