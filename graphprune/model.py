@@ -975,6 +975,10 @@ def _fold_constant(
     consumed = sum(math.prod(initializers[name].dims) for name in inputs)
     if produced > max(consumed, _FOLD_FLOOR_ELEMENTS):
         return []
+    if node.op_type == "Identity":  # weight chains: no evaluator (and no import of onnx.reference) needed
+        tensor = _copy(initializers[inputs[0]])
+        tensor.name = outputs[0]
+        return [tensor]
     return _evaluate(node, initializers, types, model)
 
 
