@@ -93,8 +93,9 @@ class MomentSums:
     def add(self, acts: dict[str, NDArray[Any]]) -> None:
         for v in self.views:
             rows = v.columns(acts[v.x], MAX_ROWS_PER_BATCH, self.rngs[v.node])
-            rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
-            self.sums[v.node] = self.sums[v.node] + rows.T @ rows if v.node in self.sums else rows.T @ rows
+            rows = np.hstack([rows, np.ones((rows.shape[0], 1), dtype=rows.dtype)])
+            gram = (rows.T @ rows).astype(np.float64)  # float32 GEMM per batch (1.6x), float64 across batches
+            self.sums[v.node] = self.sums[v.node] + gram if v.node in self.sums else gram
             self.count[v.node] += rows.shape[0]
 
     def means(self) -> dict[str, NDArray[np.float64]]:
@@ -194,8 +195,8 @@ def measure_layers(graph: DependencyGraph, comp: Compensation, held_out: dict[st
     of its dense inputs, compensated and plainly pruned: where the fit generalises and where it does not."""
     for (v, fitted), layer in zip(comp.fits, comp.layers, strict=True):
         aug, h2 = augmented(graph, v, held_out[v.node])
-        plain = aug.copy()
-        plain[:, v.removed_columns()] = 0.0
+        removed = v.removed_columns()
         total = energy(aug, h2) or 1.0
         layer["measured_rel_error"] = energy(fitted - aug, h2) / total
-        layer["measured_rel_error_uncompensated"] = energy(plain - aug, h2) / total
+        # plainly pruned, the error is just the removed columns' contribution
+        layer["measured_rel_error_uncompensated"] = energy(aug[:, removed], h2[np.ix_(removed, removed)]) / total

@@ -59,21 +59,21 @@ class LinearView:
             return m.reshape(like.shape).astype(like.dtype)
         return (m if self.trans_b else m.T).astype(like.dtype)
 
-    def columns(self, x: NDArray[Any], max_rows: int, rng: np.random.Generator) -> NDArray[np.float64]:
+    def columns(self, x: NDArray[Any], max_rows: int, rng: np.random.Generator) -> NDArray[np.float32]:
         """Up to `max_rows` random rows of the input columns the layer sees (im2col patches for a
         Conv, gathered only at the sampled positions: the full im2col of a large feature map would
-        cost gigabytes)."""
+        cost gigabytes). float32: the activations are, and their Gram matrix is the hot spot."""
         x = np.asarray(x)
         if self.op != "Conv":
             rows = np.moveaxis(x, self.x_axis, -1).reshape(-1, x.shape[self.x_axis])
             if rows.shape[0] > max_rows:
                 rows = rows[rng.choice(rows.shape[0], max_rows, replace=False)]
-            return rows.astype(np.float64)
+            return rows.astype(np.float32)
         return sampled_patches(x, self.kernel, self.strides, self.pads, self.dilations, max_rows, rng)
 
 
 def sampled_patches(x: NDArray[Any], kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
-                    dilations: tuple[int, ...], max_rows: int, rng: np.random.Generator) -> NDArray[np.float64]:
+                    dilations: tuple[int, ...], max_rows: int, rng: np.random.Generator) -> NDArray[np.float32]:
     """im2col rows (channel-major, then kernel offsets) at up to `max_rows` random output positions."""
     nd = len(kernel)
     xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
@@ -88,7 +88,7 @@ def sampled_patches(x: NDArray[Any], kernel: tuple[int, ...], strides: tuple[int
         shape[i] = kernel[i]
         index.append(coords[1 + i].reshape(-1, *[1] * nd) * strides[i] + offsets.reshape(shape))
     patches = xp[tuple(index)]  # [rows, *kernel, C]: the advanced indices come first
-    return np.moveaxis(patches, -1, 1).reshape(len(pick), -1).astype(np.float64)
+    return np.moveaxis(patches, -1, 1).reshape(len(pick), -1).astype(np.float32)
 
 
 def _conv_pads(node: NodeProto, in_spatial: tuple[int, ...], kernel: tuple[int, ...],

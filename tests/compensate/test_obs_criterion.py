@@ -98,10 +98,11 @@ def test_score_is_the_obs_error_compensation_predicts() -> None:
 
 
 def test_a_channel_the_others_reproduce_scores_zero() -> None:
-    an, _, _, scores, _ = _scored(_net(redundant=True), damping=1e-9)
+    # damping far below the default 1e-2, yet above the float32 rounding of each batch's Gram matrix
+    an, _, _, scores, _ = _scored(_net(redundant=True), damping=1e-6)
     s = scores[_c1_group(an).id]
     # 3 = 0 + 2·1, so each of 0, 1, 3 is exactly what the other two reproduce; 2, 4, 5 are not
-    assert s[[0, 1, 3]].max() < 1e-6 * s[[2, 4, 5]].min()
+    assert s[[0, 1, 3]].max() < 1e-3 * s[[2, 4, 5]].min()
 
 
 def test_compensation_reuses_the_criterion_statistics_unchanged() -> None:
