@@ -51,7 +51,7 @@ class Api:
         return job
 
     async def wait(self, job_id: str, until: Callable[[dict[str, Any]], bool] = lambda j: j["status"] in TERMINAL,
-                   timeout: float = 30.0) -> dict[str, Any]:
+                   timeout: float = 120.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             job: dict[str, Any] = (await self.client.get(f"/v1/jobs/{job_id}")).json()

@@ -41,7 +41,7 @@ def ray_cluster() -> Iterator[ModuleType]:
         ray.shutdown()
 
 
-async def _cpus_free(ray: ModuleType, want: float = 2.0, timeout: float = 20.0) -> None:
+async def _cpus_free(ray: ModuleType, want: float = 2.0, timeout: float = 60.0) -> None:
     """Ray gives a killed task's CPU back a moment after the task is reported dead."""
     deadline = time.monotonic() + timeout
     while ray.available_resources().get("CPU", 0.0) < want:

@@ -42,14 +42,14 @@ async def test_job_from_registry_registered_as_new_version(store: Store, setting
         assert response.status_code == 202, response.text
         job = response.json()
         assert job["options"] == {"sparsity": 0.4, "latency_runs": 0, "source": source, "register_as": "demo-pruned"}
-        done = await api.wait(job["id"], timeout=60)
+        done = await api.wait(job["id"])
         assert done["status"] == "succeeded", done["error"]
         report = (await api.client.get(f"/v1/jobs/{job['id']}/report")).json()
         result = (await api.client.get(f"/v1/jobs/{job['id']}/result")).content
 
         # an upload can be registered too; its source tag is the upload's sha256
         upload = await api.job(DEMO, sparsity=0.3, register_as="demo-pruned")
-        assert (await api.wait(upload["id"], timeout=60))["status"] == "succeeded"
+        assert (await api.wait(upload["id"]))["status"] == "succeeded"
 
     assert report["mlflow"]["model_uri"] == "models:/demo-pruned/1" and report["mlflow"]["source"] == source
     version = store.client.get_model_version("demo-pruned", "1")
