@@ -114,7 +114,7 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     an = analyze(source, cfg)
     lap("analyze", 0.3)
     statistics = LayerStatistics(an.graph, an.specs, cfg)  # lazy: a pass runs only for what is asked
-    crit = criterion(cfg.criterion)
+    crit = criterion(cfg.scoring)
     crit.prepare(ScoringContext(an.graph, an.grouping, an.specs, cfg, statistics))
     rng = np.random.default_rng(cfg.seed)
     scores = {g.id: group_scores(an.graph, g, crit, cfg.reduction, cfg.normalizer, rng)
@@ -138,7 +138,7 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
         lap("validate", 1.0)
     report = _report(an, cfg, plan, validation, timings)
     report.compensation = comp.to_dict()
-    report.importance = {"criterion": cfg.criterion, **crit.describe()}
+    report.importance = {"criterion": cfg.scoring, **crit.describe()}
     step("done", 1.0)
     return PruneResult(pruned, report, plan)
 

@@ -90,9 +90,10 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
     """The pruning options `prune` and `submit` share."""
     pr.add_argument("--sparsity", type=float, required=True, help="fraction of the target to remove, [0, 1)")
     pr.add_argument("--target", choices=TARGETS, default="channels")
-    pr.add_argument("--criterion", choices=sorted(CRITERIA), default="l2",
+    pr.add_argument("--criterion", choices=["auto", *sorted(CRITERIA)], default="auto",
                     help="unit importance: weight magnitude (l1, l2, lamp, bn), random, or obs (the OBS error of "
-                         "removing each unit, on the same layer statistics compensation uses)")
+                         "removing each unit, on the same layer statistics compensation uses); auto (default): "
+                         "obs with --compensate obs, l2 with --compensate none")
     scope = pr.add_mutually_exclusive_group()
     scope.add_argument("--global", dest="global_ranking", action="store_true", help="rank units across groups")
     scope.add_argument("--local", dest="global_ranking", action="store_false", help="same ratio per group (default)")

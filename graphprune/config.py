@@ -30,7 +30,7 @@ class PruneConfig:
 
     sparsity: float = 0.3
     target: Target = "channels"
-    criterion: str = "l2"
+    criterion: str = "auto"  # "auto": OBS importance when compensating with OBS, else L2 (see `scoring`)
     reduction: Reduction = "mean"
     normalizer: Normalizer = "mean"
     global_ranking: bool = False
@@ -49,6 +49,16 @@ class PruneConfig:
     hessian_source: HessianSource = "auto"
     damping: float = 0.01  # fraction of the mean diagonal added to H
 
+    @property
+    def scoring(self) -> str:
+        """The criterion that runs. OBS compensation repairs best what OBS importance chose: without data,
+        at -50% FLOPs, OBS importance + OBS beat magnitude pruning on all six benchmark nets, L2 + OBS on
+        five (not MiniLM); PP-OCR and MiniLM gain most, the two digits CNNs lose some against L2 + OBS
+        at -50/-70% (benchmarks/accuracy/RESULTS.md)."""
+        if self.criterion != "auto":
+            return self.criterion
+        return "obs" if self.compensate == "obs" else "l2"
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise UsageError(f"sparsity must be in [0, 1), got {self.sparsity}; e.g. --sparsity 0.3")
@@ -56,8 +66,9 @@ class PruneConfig:
             raise UsageError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         from graphprune.importance import CRITERIA  # the registry, so plugins count too
 
-        if self.criterion not in CRITERIA:
-            raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(sorted(CRITERIA))}")
+        if self.criterion != "auto" and self.criterion not in CRITERIA:
+            raise UsageError(f"unknown criterion {self.criterion!r}; choose auto or one of "
+                             f"{', '.join(sorted(CRITERIA))}")
         if self.reduction not in REDUCTIONS:
             raise UsageError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
         if self.normalizer not in NORMALIZERS:

@@ -289,6 +289,8 @@ def version_tags(report: dict[str, Any], source: str) -> dict[str, str]:
     for key in ("sparsity", "target", "criterion", "global_ranking", "compensate"):
         if key in config:
             tags[f"graphprune.{key}"] = str(config[key])
+    if report.get("importance", {}).get("criterion"):  # what "auto" resolved to
+        tags["graphprune.criterion"] = str(report["importance"]["criterion"])
     return tags
 
 
