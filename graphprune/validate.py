@@ -142,6 +142,7 @@ def validate(original: ModelProto, pruned: ModelProto, feeds: dict[str, NDArray[
         "latency_ms": {"before": latency_ms(orig_sess, feeds, latency_runs),
                        "after": latency_ms(pruned_sess, feeds, latency_runs)},
     }
+    del orig_sess, pruned_sess  # one model's weights in onnxruntime at a time from here (peak memory)
     if equivalence is not None:
         reference, plain = equivalence
         masked = runtime.run(runtime.session(reference), feeds)
