@@ -10,7 +10,9 @@ Why this shape:
   the next.
 
 Run ``python benchmarks/bench_prune.py`` (full: ResNet-50 and BERT-base) or ``--quick`` (ResNet-18 and a
-2-layer BERT, for CI smoke runs). See benchmarks/README.md for what each column means.
+2-layer BERT, for CI smoke runs). ``--obs`` adds graphprune with OBS compensation at its defaults (50% FLOPs,
+128 synthetic samples) on the ResNets, ``--obs-exact`` also the same with an exact (im2col) H on every
+layer. See benchmarks/README.md for what each column means.
 """
 
 from __future__ import annotations
@@ -242,6 +244,24 @@ def graphprune_job(path: str, validate: bool, save_to: str | None, sparsity: flo
             "groups": {k: rep["groups"][k] for k in ("total", "prunable", "pruned")}}
 
 
+def graphprune_obs_job(path: str, kron_columns: int | None) -> Result:
+    """graphprune with OBS compensation as a user gets it (50% FLOPs, defaults otherwise), without
+    validation; `kron_columns` None keeps the default Kronecker threshold, a huge one forces exact H."""
+    import graphprune
+
+    opts = {} if kron_columns is None else {"kron_columns": kron_columns}
+    with measured() as sec:
+        res = graphprune.prune(path, sparsity=SPARSITY, target="flops", compensate="obs", latency_runs=0,
+                               validate=False, **opts)
+    rep = res.report.to_dict()
+    comp = rep["compensation"]
+    forms = [layer.get("hessian", "exact") for layer in comp["layers"]]
+    return {**asdict(sec), "params": rep["params"], "macs": rep["flops"], "stages": rep["timings_s"],
+            "groups": {k: rep["groups"][k] for k in ("total", "prunable", "pruned")},
+            "obs": {"applied": comp["applied"], **comp["self_check"],
+                    "layers_kron": forms.count("kron"), "layers_exact": forms.count("exact")}}
+
+
 def _bert_heads(model: nn.Module) -> dict[nn.Module, int]:
     """Torch-Pruning's documented HF-BERT recipe: q/k/v are pruned per head (head dims, not heads)."""
     from transformers.models.bert.modeling_bert import BertSelfAttention
@@ -386,10 +406,12 @@ class Variant:
         return statistics.median(r[key] for r in self.ok)
 
 
-def variants(case: Case, onnx_path: pathlib.Path, out_dir: pathlib.Path, quick: bool) -> list[Variant]:
+def variants(case: Case, onnx_path: pathlib.Path, out_dir: pathlib.Path, quick: bool, obs: int = 0) -> list[Variant]:
     """What to measure; `quick` drops Torch-Pruning's default-threads run (a contention study, and the
-    slowest child to start) to keep the CI smoke run short."""
+    slowest child to start) to keep the CI smoke run short. `obs` (ResNets only): 1 adds graphprune
+    with OBS compensation at its defaults, 2 that and the same with an exact H everywhere."""
     p = str(onnx_path)
+    with_obs = obs if case.family == "resnet" else 0
     return [
         Variant("graphprune", "validate=True", graphprune_job, lambda s: (p, True, s)),
         Variant("graphprune", "validate=False", graphprune_job, lambda s: (p, False, s),
@@ -397,12 +419,15 @@ def variants(case: Case, onnx_path: pathlib.Path, out_dir: pathlib.Path, quick: 
         Variant("Torch-Pruning", "1 thread", torch_pruning_job, lambda s: (case, s, 1),
                 save_to=str(out_dir / f"{case.label}-torch-pruning.onnx")),
         *([] if quick else [Variant("Torch-Pruning", "default threads", torch_pruning_job, lambda s: (case, s))]),
+        *([Variant("graphprune", "OBS, FLOPs", graphprune_obs_job, lambda s: (p, None))] if with_obs else []),
+        *([Variant("graphprune", "OBS exact H, FLOPs", graphprune_obs_job, lambda s: (p, 2**31))]
+          if with_obs > 1 else []),
     ]
 
 
-def measure_case(case: Case, repeats: int, out_dir: pathlib.Path, quick: bool) -> list[Variant]:
+def measure_case(case: Case, repeats: int, out_dir: pathlib.Path, quick: bool, obs: int = 0) -> list[Variant]:
     """Interleaved repeats of every variant; only the first repeat saves the pruned model."""
-    vs = variants(case, cached_onnx(case), out_dir, quick)
+    vs = variants(case, cached_onnx(case), out_dir, quick, obs)
     for r in range(repeats):
         for v in vs:
             res = in_child(v.job, *v.args(v.save_to if r == 0 else None))
@@ -475,7 +500,7 @@ def cost_table(results: dict[str, list[Variant]], repeats: int) -> str:
             + table(head, rows))
 
 
-STAGES = ["analyze", "score", "select", "surgery", "validate"]
+STAGES = ["analyze", "score", "select", "compensate", "surgery", "validate"]
 
 
 def stage_table(results: dict[str, list[Variant]]) -> str:
@@ -490,6 +515,23 @@ def stage_table(results: dict[str, list[Variant]]) -> str:
                              f"{g['pruned']}/{g['prunable']}/{g['total']}"])
     return ("1b. graphprune wall time per stage, s (median), and groups pruned/prunable/total\n"
             + table(["model", "tool", "setting", *STAGES, "groups"], rows))
+
+
+def obs_table(results: dict[str, list[Variant]]) -> str:
+    rows = []
+    for label, vs in results.items():
+        for v in vs:
+            ok = [r for r in v.ok if "obs" in r]
+            if ok:
+                o = ok[0]["obs"]
+                rows.append([label, v.setting, f"{v.median('seconds'):.1f}", f"{v.median('cpu_seconds'):.1f}",
+                             f"{v.median('rss_peak_mib'):.0f}", f"{o['layers_kron']}/{o['layers_exact']}",
+                             f"{o['relative_error_uncompensated']:.4f}", f"{o['relative_error_compensated']:.4f}",
+                             "yes" if o["applied"] else "no"])
+    return ("1c. graphprune with OBS compensation (50% FLOPs, 128 synthetic samples, validate=False): layers with a "
+            "Kronecker-factored / exact H, and the held-out relative output error without and with compensation\n"
+            + table(["model", "setting", "wall s", "CPU s", "peak RSS MiB", "kron/exact", "error plain",
+                     "error OBS", "applied"], rows, left=2))
 
 
 def speed_table(results: dict[str, list[Variant]], latency: dict[str, Result], runs: int) -> str:
@@ -533,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also cProfile one graphprune prune per model and print the top N functions")
     ap.add_argument("--json", type=pathlib.Path, help="also write raw results here")
+    ap.add_argument("--obs", action="store_true", help="also graphprune with OBS compensation (ResNets)")
+    ap.add_argument("--obs-exact", action="store_true", help="--obs, and OBS with an exact H on every layer")
     args = ap.parse_args(argv)
     cases = QUICK if args.quick else FULL
     if args.models:
@@ -548,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     profiles: dict[str, Result] = {}
     for case in cases:
         print(f"{case.label}:", flush=True)
-        results[case.label] = measure_case(case, repeats, out_dir, args.quick)
+        results[case.label] = measure_case(case, repeats, out_dir, args.quick, 2 if args.obs_exact else int(args.obs))
         latency[case.label] = measure_latency(case, results[case.label], out_dir, lat_runs, not args.quick)
         if args.profile:
             profiles[case.label] = in_child(profile_job, str(cached_onnx(case)), args.profile)
@@ -559,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs; 1-min load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end)\n")
     print(cost_table(results, repeats), end="\n\n")
     print(stage_table(results), end="\n\n")
+    if args.obs or args.obs_exact:
+        print(obs_table(results), end="\n\n")
     print(speed_table(results, latency, lat_runs))
     for label, prof in profiles.items():
         print(f"\n3. cProfile of graphprune.prune on {label} (validate=True)\n"

@@ -48,6 +48,9 @@ class PruneConfig:
     samples: int = 128  # synthetic samples used to estimate each consumer's input statistics
     hessian_source: HessianSource = "auto"
     damping: float = 0.01  # fraction of the mean diagonal added to H
+    # Conv consumers with more im2col columns (C_in × kernel area) than this hold H Kronecker-factored,
+    # channels ⊗ kernel taps (O(C²) statistics and O(C³) solves instead of O(C²k²), O(C³k⁶)); 0: every Conv
+    kron_columns: int = 1024
 
     @property
     def scoring(self) -> str:
@@ -88,6 +91,8 @@ class PruneConfig:
             raise UsageError(f"samples must be >= 1, got {self.samples}")
         if not 0.0 <= self.damping < 10.0:
             raise UsageError(f"damping must be in [0, 10), got {self.damping}")
+        if self.kron_columns < 0:
+            raise UsageError(f"kron_columns must be >= 0, got {self.kron_columns}")
         if self.latency_runs < 0:
             raise UsageError(f"latency_runs must be >= 0, got {self.latency_runs}")
 

@@ -33,6 +33,7 @@ class LinearView:
     pads: tuple[int, ...] = ()
     dilations: tuple[int, ...] = ()
     trans_b: bool = False
+    kron: bool = False  # its moments are held Kronecker-factored, channels ⊗ kernel taps (obs.Kron)
 
     @property
     def block(self) -> int:
@@ -59,24 +60,28 @@ class LinearView:
             return m.reshape(like.shape).astype(like.dtype)
         return (m if self.trans_b else m.T).astype(like.dtype)
 
-    def columns(self, x: NDArray[Any], max_rows: int, rng: np.random.Generator) -> NDArray[np.float32]:
+    def columns(self, x: NDArray[Any], max_rows: int, rng: np.random.Generator,
+                taps_first: bool = False) -> NDArray[np.float32]:
         """Up to `max_rows` random rows of the input columns the layer sees (im2col patches for a
         Conv, gathered only at the sampled positions: the full im2col of a large feature map would
-        cost gigabytes). float32: the activations are, and their Gram matrix is the hot spot."""
+        cost gigabytes). float32: the activations are, and their Gram matrix is the hot spot.
+        `taps_first`: a Conv's patches as [rows, taps, C] (what a Kronecker-factored H reads)."""
         x = np.asarray(x)
         if self.op != "Conv":
             rows = np.moveaxis(x, self.x_axis, -1).reshape(-1, x.shape[self.x_axis])
             if rows.shape[0] > max_rows:
                 rows = rows[rng.choice(rows.shape[0], max_rows, replace=False)]
             return rows.astype(np.float32)
-        return sampled_patches(x, self.kernel, self.strides, self.pads, self.dilations, max_rows, rng)
+        return sampled_patches(x, self.kernel, self.strides, self.pads, self.dilations, max_rows, rng, taps_first)
 
 
 def sampled_patches(x: NDArray[Any], kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
-                    dilations: tuple[int, ...], max_rows: int, rng: np.random.Generator) -> NDArray[np.float32]:
-    """im2col rows (channel-major, then kernel offsets) at up to `max_rows` random output positions."""
+                    dilations: tuple[int, ...], max_rows: int, rng: np.random.Generator,
+                    taps_first: bool = False) -> NDArray[np.float32]:
+    """im2col rows (channel-major, then kernel offsets) at up to `max_rows` random output positions;
+    with `taps_first`, [rows, taps, C] (the gather's own layout, no transposing copy)."""
     nd = len(kernel)
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)]) if any(pads) else x
     out = [(xp.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(nd)]
     total = x.shape[0] * math.prod(out)
     pick = rng.choice(total, max_rows, replace=False) if total > max_rows else np.arange(total)
@@ -88,7 +93,24 @@ def sampled_patches(x: NDArray[Any], kernel: tuple[int, ...], strides: tuple[int
         shape[i] = kernel[i]
         index.append(coords[1 + i].reshape(-1, *[1] * nd) * strides[i] + offsets.reshape(shape))
     patches = xp[tuple(index)]  # [rows, *kernel, C]: the advanced indices come first
-    return np.moveaxis(patches, -1, 1).reshape(len(pick), -1).astype(np.float32)
+    if taps_first:
+        return patches.reshape(len(pick), -1, x.shape[1]).astype(np.float32, copy=False)
+    return np.moveaxis(patches, -1, 1).reshape(len(pick), -1).astype(np.float32, copy=False)
+
+
+def tap_coverage(spatial: tuple[int, ...], kernel: tuple[int, ...], strides: tuple[int, ...],
+                 pads: tuple[int, ...], dilations: tuple[int, ...]) -> tuple[NDArray[np.float32], int]:
+    """How many (output position, kernel tap) pairs read each input pixel, and how many pairs there
+    are per sample (those reading padding included): Σ over every patch and tap of x xᵀ is
+    Σ over pixels of coverage · x xᵀ, at the cost of one pass over the pixels instead of k."""
+    nd = len(kernel)
+    padded = [spatial[i] + pads[i] + pads[i + nd] for i in range(nd)]
+    out = [(padded[i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(nd)]
+    cov = np.zeros(padded, dtype=np.float32)
+    for tap in np.ndindex(*kernel):
+        cov[tuple(slice(tap[i] * dilations[i], tap[i] * dilations[i] + (out[i] - 1) * strides[i] + 1, strides[i])
+                  for i in range(nd))] += 1
+    return cov[tuple(slice(pads[i], pads[i] + spatial[i]) for i in range(nd))], math.prod(out) * math.prod(kernel)
 
 
 def _conv_pads(node: NodeProto, in_spatial: tuple[int, ...], kernel: tuple[int, ...],

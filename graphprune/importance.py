@@ -26,7 +26,7 @@ from graphprune.depgraph import Consume, DependencyGraph
 from graphprune.errors import UsageError
 from graphprune.groups import Group, Grouping, Member
 from graphprune.inputs import InputSpec
-from graphprune.obs import energy, removal_errors
+from graphprune.obs import Moments, energy, removal_errors
 from graphprune.onnxutil import node_name
 
 Scores = NDArray[np.float64]
@@ -275,7 +275,7 @@ def _magnitude_share(graph: DependencyGraph, group: Group, node: NodeProto) -> S
     return np.mean(shares, axis=0) if shares else np.zeros(group.size)
 
 
-def _add_view_errors(ctx: ScoringContext, v: LinearView, h: NDArray[np.float64], free_root: NDArray[np.bool_],
+def _add_view_errors(ctx: ScoringContext, v: LinearView, h: Moments, free_root: NDArray[np.bool_],
                      scores: dict[int, Scores]) -> None:
     """Add each free unit's relative OBS error in consumer `v` to its group's scores."""
     grouping = ctx.grouping

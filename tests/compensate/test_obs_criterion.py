@@ -86,20 +86,26 @@ def _removed_elements(an: api.Analysis, group: Group, units: list[int]) -> np.nd
     return removed_root[an.grouping.roots]
 
 
-def test_score_is_the_obs_error_compensation_predicts() -> None:
-    an, cfg, stats, scores, info = _scored(_net())
+KRON = pytest.mark.parametrize("kron", [1024, 0], ids=["exact", "kron"])  # kron_columns: 0 factors c2's H
+
+
+@KRON
+def test_score_is_the_obs_error_compensation_predicts(kron: int) -> None:
+    an, cfg, stats, scores, info = _scored(_net(), kron_columns=kron)
     group = _c1_group(an)
     assert info["consumers_by_obs"] >= 3 and "magnitude_fallback" not in info
     for unit in range(group.size):
         comp = compensate(an.graph, _removed_elements(an, group, [unit]), an.specs, cfg, statistics=stats)
         assert len(comp.layers) == 2  # both convs reading c1
+        assert [layer["hessian"] for layer in comp.layers] == ["kron" if kron == 0 else "exact", "exact"]
         predicted = sum(layer["predicted_rel_error"] for layer in comp.layers)
         assert scores[group.id][unit] == pytest.approx(predicted, rel=1e-6)
 
 
-def test_a_channel_the_others_reproduce_scores_zero() -> None:
+@KRON
+def test_a_channel_the_others_reproduce_scores_zero(kron: int) -> None:
     # damping far below the default 1e-2, yet above the float32 rounding of each batch's Gram matrix
-    an, _, _, scores, _ = _scored(_net(redundant=True), damping=1e-6)
+    an, _, _, scores, _ = _scored(_net(redundant=True), damping=1e-6, kron_columns=kron)
     s = scores[_c1_group(an).id]
     # 3 = 0 + 2·1, so each of 0, 1, 3 is exactly what the other two reproduce; 2, 4, 5 are not
     assert s[[0, 1, 3]].max() < 1e-3 * s[[2, 4, 5]].min()
@@ -117,8 +123,9 @@ def test_compensation_reuses_the_criterion_statistics_unchanged() -> None:
         np.testing.assert_array_equal(value, fresh.overrides[name])
 
 
-def test_measured_error_on_the_fitting_statistics_is_the_predicted_one() -> None:
-    an, cfg, stats, _, _ = _scored(_net(), damping=0.0)
+@KRON
+def test_measured_error_on_the_fitting_statistics_is_the_predicted_one(kron: int) -> None:
+    an, cfg, stats, _, _ = _scored(_net(), damping=0.0, kron_columns=kron)
     removed = _removed_elements(an, _c1_group(an), [0, 2, 5])
     comp = compensate(an.graph, removed, an.specs, cfg, statistics=stats)
     measure_layers(an.graph, comp, stats.get([v for v, _ in comp.fits]))
@@ -168,3 +175,15 @@ def test_weight_criteria_still_compute_statistics_only_for_compensation(monkeypa
     res = api.prune(_net(), sparsity=0.4, criterion="l2", samples=32, latency_runs=0)
     assert len(calls) == 1 and calls[0] == len(res.report.compensation["layers"])
     assert res.report.importance == {"criterion": "l2"}
+
+
+def test_prune_with_a_factored_h_reports_it_per_layer_and_still_helps() -> None:
+    """kron_columns=0: c2 (3x3) holds H Kronecker-factored end to end (scoring, compensation, held-out
+    measurement), c3 (1x1, the same either way) stays exact; validation still passes."""
+    res = api.prune(_net(), sparsity=0.4, criterion="obs", samples=32, latency_runs=0, kron_columns=0)
+    layers = {lay["node"].split("/")[1]: lay for lay in res.report.compensation["layers"]}
+    assert layers["c2"]["hessian"] == "kron" and layers["c3"]["hessian"] == "exact"
+    for lay in layers.values():
+        assert lay["measured_rel_error"] < lay["measured_rel_error_uncompensated"]
+    check = res.report.compensation["self_check"]
+    assert check["relative_error_compensated"] < check["relative_error_uncompensated"]

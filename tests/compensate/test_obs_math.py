@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphprune.obs import least_squares_refit, obs_remove, removal_errors
+from graphprune.obs import energy, least_squares_refit, obs_remove, removal_errors
 
 
 def _layer(seed: int, d: int = 24, n: int = 400, out: int = 7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -63,3 +63,11 @@ def test_removal_errors_are_obs_remove_errors_block_by_block() -> None:
     got = removal_errors(w, h, blocks, damping=0.01)
     want = [obs_remove(w, h, m, damping=0.01).error for m in blocks]
     np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("block", [None, 2])
+def test_obs_remove_reports_the_undamped_output_energy(block: int | None) -> None:
+    w, _, h = _layer(5)
+    h[3] = h[:, 3] = 0.0  # a dead input: damping puts 1 alone on its diagonal
+    res = obs_remove(w, h, np.array([1, 4, 9, 10]), damping=0.05, block=block)
+    assert res.energy == pytest.approx(energy(w, h), rel=1e-10)
