@@ -113,7 +113,10 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
 
     an = analyze(source, cfg)
     lap("analyze", 0.3)
-    statistics = LayerStatistics(an.graph, an.specs, cfg)  # lazy: a pass runs only for what is asked
+    # lazy: a pass runs only for what is asked, during scoring (obs criterion) or compensation
+    window = [0.3, 0.4]
+    statistics = LayerStatistics(an.graph, an.specs, cfg,
+                                 progress=lambda f: step("statistics", window[0] + f * (window[1] - window[0])))
     crit = criterion(cfg.scoring)
     crit.prepare(ScoringContext(an.graph, an.grouping, an.specs, cfg, statistics))
     rng = np.random.default_rng(cfg.seed)
@@ -125,6 +128,7 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     plain = apply_plan(an.graph, plan.removed_root)
     pruned, comp = plain, Compensation()
     if cfg.compensate == "obs" and plan.removed:
+        window[:] = [0.5, 0.7]
         comp = compensate(an.graph, plan.removed_root[an.grouping.roots], an.specs, cfg, statistics=statistics)
         lap("compensate", 0.7)
         if comp.overrides:

@@ -117,6 +117,10 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--hessian-source", choices=HESSIAN_SOURCES, default="auto",
                     help="where OBS statistics come from (auto: calibration if given, else synthetic)")
     pr.add_argument("--damping", type=float, default=0.01, help="OBS damping, fraction of the mean diagonal")
+    pr.add_argument("--kron-columns", type=int, default=1024, metavar="N",
+                    help="Convs with more im2col columns (input channels x kernel area) than N keep their OBS "
+                         "statistics Kronecker-factored, channels x kernel taps (much faster and smaller on wide "
+                         "layers, slightly less exact); 0: every Conv wider than 1x1")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -128,7 +132,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "exclude": list(args.exclude), "seed": args.seed, "validate": args.validate,
         "latency_runs": args.latency_runs, "input_shapes": dict(args.input_shape),
         "compensate": args.compensate, "samples": args.samples, "hessian_source": args.hessian_source,
-        "damping": args.damping, **({"calibration": args.calibration} if args.calibration else {}),
+        "damping": args.damping, "kron_columns": args.kron_columns,
+        **({"calibration": args.calibration} if args.calibration else {}),
     }
 
 
