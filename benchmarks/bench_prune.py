@@ -249,7 +249,7 @@ def graphprune_obs_job(path: str, kron_columns: int | None) -> Result:
     validation; `kron_columns` None keeps the default Kronecker threshold, a huge one forces exact H."""
     import graphprune
 
-    opts = {} if kron_columns is None else {"kron_columns": kron_columns}
+    opts: dict[str, Any] = {} if kron_columns is None else {"kron_columns": kron_columns}
     with measured() as sec:
         res = graphprune.prune(path, sparsity=SPARSITY, target="flops", compensate="obs", latency_runs=0,
                                validate=False, **opts)
@@ -503,31 +503,34 @@ def cost_table(results: dict[str, list[Variant]], repeats: int) -> str:
 STAGES = ["analyze", "score", "select", "compensate", "surgery", "validate"]
 
 
-def stage_table(results: dict[str, list[Variant]]) -> str:
-    rows = []
+def _runs_with(results: dict[str, list[Variant]], key: str) -> Iterator[tuple[str, Variant, list[Result]]]:
+    """(model label, variant, its successful runs) for every variant whose runs report `key`."""
     for label, vs in results.items():
         for v in vs:
-            ok = [r for r in v.ok if "stages" in r]
+            ok = [r for r in v.ok if key in r]
             if ok:
-                g = ok[0]["groups"]
-                rows.append([label, v.tool, v.setting,
-                             *(f"{statistics.median(r['stages'].get(k, 0.0) for r in ok):.2f}" for k in STAGES),
-                             f"{g['pruned']}/{g['prunable']}/{g['total']}"])
+                yield label, v, ok
+
+
+def stage_table(results: dict[str, list[Variant]]) -> str:
+    rows = []
+    for label, v, ok in _runs_with(results, "stages"):
+        g = ok[0]["groups"]
+        rows.append([label, v.tool, v.setting,
+                     *(f"{statistics.median(r['stages'].get(k, 0.0) for r in ok):.2f}" for k in STAGES),
+                     f"{g['pruned']}/{g['prunable']}/{g['total']}"])
     return ("1b. graphprune wall time per stage, s (median), and groups pruned/prunable/total\n"
             + table(["model", "tool", "setting", *STAGES, "groups"], rows))
 
 
 def obs_table(results: dict[str, list[Variant]]) -> str:
     rows = []
-    for label, vs in results.items():
-        for v in vs:
-            ok = [r for r in v.ok if "obs" in r]
-            if ok:
-                o = ok[0]["obs"]
-                rows.append([label, v.setting, f"{v.median('seconds'):.1f}", f"{v.median('cpu_seconds'):.1f}",
-                             f"{v.median('rss_peak_mib'):.0f}", f"{o['layers_kron']}/{o['layers_exact']}",
-                             f"{o['relative_error_uncompensated']:.4f}", f"{o['relative_error_compensated']:.4f}",
-                             "yes" if o["applied"] else "no"])
+    for label, v, ok in _runs_with(results, "obs"):
+        o = ok[0]["obs"]
+        rows.append([label, v.setting, f"{v.median('seconds'):.1f}", f"{v.median('cpu_seconds'):.1f}",
+                     f"{v.median('rss_peak_mib'):.0f}", f"{o['layers_kron']}/{o['layers_exact']}",
+                     f"{o['relative_error_uncompensated']:.4f}", f"{o['relative_error_compensated']:.4f}",
+                     "yes" if o["applied"] else "no"])
     return ("1c. graphprune with OBS compensation (50% FLOPs, 128 synthetic samples, validate=False): layers with a "
             "Kronecker-factored / exact H, and the held-out relative output error without and with compensation\n"
             + table(["model", "setting", "wall s", "CPU s", "peak RSS MiB", "kron/exact", "error plain",
