@@ -97,11 +97,15 @@ def _damped(h: F64, damping: float) -> F64:
 
 
 def inverse(h: F64) -> F64:
-    """Symmetric positive-definite inverse by Cholesky, falling back to an eigen pseudo-inverse."""
+    """Symmetric positive-definite inverse, falling back to an eigen pseudo-inverse.
+
+    Cholesky only certifies definiteness (n³/3 flops); the inverse is LAPACK's LU inverse (2n³):
+    inverting the Cholesky factor through a general solve and multiplying it out cost ~4.7n³, twice
+    as long on BERT-base's 3073-wide layers (measured)."""
     try:
-        chol = np.linalg.cholesky(h)
-        inv_chol = np.linalg.solve(chol, np.eye(h.shape[0]))
-        return inv_chol.T @ inv_chol
+        np.linalg.cholesky(h)
+        inv = np.linalg.inv(h)
+        return (inv + inv.T) / 2
     except np.linalg.LinAlgError:
         vals, vecs = np.linalg.eigh((h + h.T) / 2)
         keep = vals > vals.max() * 1e-12
