@@ -203,7 +203,7 @@ def save_model(model: ModelProto, path: str | os.PathLike[str]) -> None:
     data_path = target.with_name(target.name + ".data")
     with _atomic_file(data_path) as f:
         for tensor in model.graph.initializer:
-            big = tensor.data_type != TensorProto.STRING and _tensor_nbytes(tensor) >= _EXTERNAL_MIN_BYTES
+            big = tensor.data_type != TensorProto.STRING and tensor_nbytes(tensor) >= _EXTERNAL_MIN_BYTES
             skeleton.graph.initializer.append(_write_external(tensor, f, data_path.name) if big else tensor)
     with _atomic_file(target) as f:
         f.write(model_bytes(skeleton))
@@ -323,10 +323,10 @@ def _declared_sizes(model: ModelProto) -> Iterator[tuple[str, int]]:
             dense = _nbytes(_numel(tensor.dims, label), tensor.values.data_type, label)
             yield (
                 label,
-                max(dense, _tensor_nbytes(tensor.values, label) + _tensor_nbytes(tensor.indices, label)),
+                max(dense, tensor_nbytes(tensor.values, label) + tensor_nbytes(tensor.indices, label)),
             )
         else:
-            yield label, _tensor_nbytes(tensor, label)
+            yield label, tensor_nbytes(tensor, label)
     initializers = {t.name for t in model.graph.initializer}
     for vi in model.graph.input:
         dims = _static_dims(vi.type)
@@ -352,7 +352,7 @@ def _load_external_data(model: ModelProto, base_dir: Path | None) -> None:
 def _read_external(tensor: TensorProto, label: str, base_dir: Path) -> bytes:
     info = {entry.key: entry.value for entry in tensor.external_data}
     path = _external_path(info.get("location", ""), label, base_dir)
-    expected = _tensor_nbytes(tensor, label)
+    expected = tensor_nbytes(tensor, label)
     try:
         offset, length = int(info.get("offset", 0)), int(info.get("length", expected))
     except ValueError as exc:
@@ -493,7 +493,8 @@ def _nbytes(numel: int, data_type: int, label: str) -> int:
         raise InvalidModelError(f"{label} has unknown element type {data_type}; {_REEXPORT}") from exc
 
 
-def _tensor_nbytes(tensor: TensorProto, label: str = "") -> int:
+def tensor_nbytes(tensor: TensorProto, label: str = "") -> int:
+    """The bytes a tensor's declared shape and type need (sub-byte types packed), from dims alone."""
     label = label or f"tensor {tensor.name!r}"
     return _nbytes(_numel(tensor.dims, label), tensor.data_type, label)
 

@@ -3,7 +3,6 @@ name and shape, and (without compensation) equal the masked original, which prov
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from typing import Any
@@ -12,17 +11,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
-from onnx import ModelProto, TensorProto, helper
+from onnx import ModelProto
 
 from graphprune import runtime
 from graphprune.errors import InvalidModelError, ValidationFailedError
-from graphprune.model import inference_view
+from graphprune.model import inference_view, tensor_nbytes
 
 EQUIVALENCE_RTOL = 1e-3
-_ITEMSIZE = {t: helper.tensor_dtype_to_np_dtype(t).itemsize for t in (
-    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8,
-    TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64,
-    TensorProto.UINT64, TensorProto.BOOL)}
 EQUIVALENCE_ATOL = 1e-4
 
 
@@ -39,11 +34,10 @@ def check(model: ModelProto) -> None:
     except Exception as exc:
         raise ValidationFailedError(f"the pruned model fails onnx.checker: {exc}") from exc
     for tensor in model.graph.initializer:
-        itemsize = _ITEMSIZE.get(tensor.data_type)
-        if itemsize and tensor.HasField("raw_data") and len(tensor.raw_data) != math.prod(tensor.dims) * itemsize:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) != (need := tensor_nbytes(tensor)):
             raise ValidationFailedError(
                 f"the pruned model fails onnx.checker: initializer '{tensor.name}' holds {len(tensor.raw_data)} "
-                f"bytes, its shape {list(tensor.dims)} needs {math.prod(tensor.dims) * itemsize}")
+                f"bytes, its shape {list(tensor.dims)} needs {need}")
 
 
 def tensor_dtypes(model: ModelProto) -> dict[str, int]:
