@@ -16,7 +16,6 @@ import numpy as np
 from numpy.typing import NDArray
 from onnx import ModelProto
 
-from graphprune import model as model_io
 from graphprune import runtime
 from graphprune.compensate import Compensation, LayerStatistics, MomentSums, compensate, input_batches, measure_layers
 from graphprune.config import PruneConfig
@@ -25,6 +24,9 @@ from graphprune.depgraph import DependencyGraph
 from graphprune.groups import Grouping, build_groups
 from graphprune.importance import ScoringContext, criterion, group_scores
 from graphprune.inputs import InputSpec, signature
+from graphprune.loading import load_model
+from graphprune.model import save_model
+from graphprune.normalize import normalize
 from graphprune.report import Report
 from graphprune.select import PrunePlan, Selector
 from graphprune.shapes import resolve_shapes
@@ -79,7 +81,7 @@ def _config(config: PruneConfig | dict[str, Any] | None, overrides: dict[str, An
 
 def analyze(source: Source, config: PruneConfig | dict[str, Any] | None = None, **overrides: Any) -> Analysis:
     cfg = _config(config, overrides)
-    model = model_io.normalize(model_io.load_model(source, max_bytes=cfg.max_model_bytes), copy=False)
+    model = normalize(load_model(source, max_bytes=cfg.max_model_bytes), copy=False)
     specs = signature(model, {k: tuple(v) for k, v in cfg.input_shapes.items()})
     graph = DependencyGraph.build(model, resolve_shapes(model, specs))
     grouping = build_groups(graph, cfg.exclude)
@@ -93,7 +95,7 @@ class PruneResult:
     plan: PrunePlan
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        model_io.save_model(self.model, path)
+        save_model(self.model, path)
 
 
 def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,

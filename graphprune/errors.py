@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The fix for a model that is malformed as exported; it ends many InvalidModelError messages.
+REEXPORT = "re-export the model (torch.onnx.export / tf2onnx / skl2onnx)"
+
 
 class GraphpruneError(Exception):
     """Base class; `exit_code` is what the CLI returns for it."""

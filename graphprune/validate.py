@@ -15,7 +15,8 @@ from onnx import ModelProto
 
 from graphprune import runtime
 from graphprune.errors import InvalidModelError, ValidationFailedError
-from graphprune.model import inference_view, tensor_nbytes
+from graphprune.model import inference_view
+from graphprune.tensors import tensor_nbytes
 
 EQUIVALENCE_RTOL = 1e-3
 EQUIVALENCE_ATOL = 1e-4

@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from graphprune import mlflow_io
 from graphprune.errors import InvalidModelError, ModelTooLargeError, UsageError
-from graphprune.model import load_model
+from graphprune.loading import load_model
 from service.artifacts import CHUNK
 from service.problems import Problem
 

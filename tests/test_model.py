@@ -1,4 +1,5 @@
-"""Tests for graphprune.model: hostile inputs are refused early, normalize() keeps outputs exact."""
+"""Tests for loading, normalization, shape inference and saving (graphprune.loading, .normalize, .model):
+hostile inputs are refused early, normalize() keeps outputs exact."""
 
 from __future__ import annotations
 
@@ -16,15 +17,11 @@ import pytest
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from graphprune import model as gm
+from graphprune import normalize as gn
 from graphprune.errors import InvalidModelError, ModelTooLargeError
-from graphprune.model import (
-    declared_bytes,
-    infer_shapes,
-    load_model,
-    model_bytes,
-    normalize,
-    save_model,
-)
+from graphprune.loading import declared_bytes, load_model
+from graphprune.model import infer_shapes, model_bytes, save_model
+from graphprune.normalize import normalize
 
 FLOAT = TensorProto.FLOAT
 RNG = np.random.default_rng(0)
@@ -696,7 +693,7 @@ def test_large_models_are_saved_with_external_data(tmp_path: Path, monkeypatch: 
     nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"])]
     model = make(nodes, [("x", [2, 64])], ["y"], {"w": weights(64, 16), "b": weights(16)})
     model.graph.initializer.append(numpy_helper.from_array(np.array(["text"], dtype=object), "label"))
-    monkeypatch.setattr(gm, "_PROTOBUF_LIMIT", 2000)  # pretend this 4 KiB model is over 2 GiB
+    monkeypatch.setattr(gm, "PROTOBUF_LIMIT", 2000)  # pretend this 4 KiB model is over 2 GiB
     with pytest.raises(ModelTooLargeError, match="2 GiB"):
         model_bytes(model)
     path = tmp_path / "big.onnx"
@@ -814,12 +811,12 @@ def test_onnxruntime_evaluates_when_the_reference_cannot(monkeypatch: pytest.Mon
     def unavailable(*args: object) -> list[np.ndarray]:
         raise NotImplementedError
 
-    monkeypatch.setattr(gm, "_run_reference", unavailable)
+    monkeypatch.setattr(gn, "_run_reference", unavailable)
     model = random_chain()
     normalized = normalize(model)
     assert ops(normalized) == ["MatMul", "Add", "Sigmoid", "Reshape", "Mul", "ReduceSum"]
     assert_same_outputs(model, normalized, {"x": weights(3, 6)})
-    monkeypatch.setattr(gm, "_run_onnxruntime", unavailable)
+    monkeypatch.setattr(gn, "_run_onnxruntime", unavailable)
     assert "Cast" in ops(normalize(model))  # nothing can evaluate it: the node stays
 
 
