@@ -72,7 +72,7 @@ def _scored(model: onnx.ModelProto, **cfg: Any) -> tuple[api.Analysis, PruneConf
     crit = criterion("obs")
     crit.prepare(ScoringContext(an.graph, an.grouping, an.specs, config, stats))
     rng = np.random.default_rng(0)
-    scores = {g.id: crit.score_group(an.graph, g, "mean", "mean", rng) for g in an.grouping.prunable}
+    scores = {g.id: crit.score_group(an.graph, g, "mean", "none", rng) for g in an.grouping.prunable}
     return an, config, stats, scores, crit.describe()
 
 
@@ -100,6 +100,18 @@ def test_score_is_the_obs_error_compensation_predicts(kron: int) -> None:
         assert [layer["hessian"] for layer in comp.layers] == ["kron" if kron == 0 else "exact", "exact"]
         predicted = sum(layer["predicted_rel_error"] for layer in comp.layers)
         assert scores[group.id][unit] == pytest.approx(predicted, rel=1e-6)
+
+
+def test_scores_are_normalised_within_the_group_for_global_ranking() -> None:
+    an, cfg, stats, raw, _ = _scored(_net())
+    crit = criterion("obs")
+    crit.prepare(ScoringContext(an.graph, an.grouping, an.specs, cfg, stats))
+    rng = np.random.default_rng(0)
+    for g in an.grouping.prunable:
+        mean, top = (crit.score_group(an.graph, g, "mean", n, rng) for n in ("mean", "max"))
+        np.testing.assert_allclose(mean, raw[g.id] / raw[g.id].mean())
+        np.testing.assert_allclose(top, raw[g.id] / raw[g.id].max())
+        assert np.argsort(mean, kind="stable").tolist() == np.argsort(raw[g.id], kind="stable").tolist()
 
 
 @KRON
