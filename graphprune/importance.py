@@ -204,9 +204,10 @@ class ObsError(Criterion):
     at -50% FLOPs (0.07 of PP-OCR's characters at -30%), 0.84 (0.86) after the default mean
     normalisation; only MiniLM ranked better raw (0.75 vs 0.69 cosine at -50%): `normalizer="none"`.
 
-    A unit also feeding a consumer OBS cannot view (ConvTranspose, MatMul of two activations...) adds
-    that consumer's magnitude share there, ‖W[:, M]‖² / ‖W‖² (its producers' rows where the consumer
-    has no weight); consumers its channels pass through (grouped/depthwise Conv) are scored downstream.
+    A unit also feeding a consumer OBS cannot view (a cropping or very wide ConvTranspose, MatMul of two
+    activations...) adds that consumer's magnitude share there, ‖W[:, M]‖² / ‖W‖² (its producers' rows
+    where the consumer has no weight); consumers its channels pass through (grouped/depthwise Conv) are
+    scored downstream.
     """
 
     def __init__(self) -> None:

@@ -14,26 +14,33 @@ import numpy as np
 import onnx
 import pytest
 
-from graphprune import api, cli
+from graphprune import api, cli, runtime
 from graphprune import compensate as comp_mod
 from graphprune.api import analyze
 from graphprune.compensate import LayerStatistics, compensate, measure_layers
 from graphprune.config import PruneConfig
 from graphprune.groups import Group
 from graphprune.importance import ScoringContext, criterion
+from graphprune.inputs import signature
+from graphprune.synthetic import batches
+from graphprune.validate import relative_error
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
 
 class Branches(nn.Module):
-    """c1's channels feed two consumers (a 3x3 and a 1x1 conv, summed), so a unit's score is a sum."""
+    """c1's channels feed two consumers (a 3x3 conv and a 1x1 conv or a ConvTranspose, summed), so a unit's
+    score is a sum."""
 
-    def __init__(self, transpose: bool = False) -> None:
+    def __init__(self, third: str = "conv") -> None:
         super().__init__()
         self.c1 = nn.Conv2d(3, 6, 3, padding=1)
         self.c2 = nn.Conv2d(6, 8, 3, padding=1)
-        self.c3 = (nn.ConvTranspose2d(6, 8, 1) if transpose else nn.Conv2d(6, 8, 1))
+        self.c3 = {"conv": lambda: nn.Conv2d(6, 8, 1), "transpose": lambda: nn.ConvTranspose2d(6, 8, 3, padding=1),
+                   # cropping more than the kernel reaches: no Conv equals it, so OBS cannot view it
+                   "cropping_transpose": lambda: nn.ConvTranspose2d(6, 8, 3, stride=2, padding=5, output_padding=1),
+                   }[third]()
         self.head = nn.Linear(8, 4)
 
     def forward(self, x: Any) -> Any:
@@ -54,9 +61,9 @@ def _export(net: nn.Module) -> onnx.ModelProto:
     return proto
 
 
-def _net(redundant: bool = False, transpose: bool = False) -> onnx.ModelProto:
+def _net(redundant: bool = False, third: str = "conv") -> onnx.ModelProto:
     torch.manual_seed(0)
-    net = Branches(transpose)
+    net = Branches(third)
     if redundant:  # c1's channel 3 = channel 0 + 2 * channel 1, bias included
         with torch.no_grad():
             net.c1.weight[3] = net.c1.weight[0] + 2 * net.c1.weight[1]
@@ -90,14 +97,17 @@ KRON = pytest.mark.parametrize("kron", [1024, 0], ids=["exact", "kron"])  # kron
 
 
 @KRON
-def test_score_is_the_obs_error_compensation_predicts(kron: int) -> None:
-    an, cfg, stats, scores, info = _scored(_net(), kron_columns=kron)
+@pytest.mark.parametrize("third", ["conv", "transpose"])
+def test_score_is_the_obs_error_compensation_predicts(kron: int, third: str) -> None:
+    an, cfg, stats, scores, info = _scored(_net(third=third), kron_columns=kron)
     group = _c1_group(an)
     assert info["consumers_by_obs"] >= 3 and "magnitude_fallback" not in info
+    # c3: a 1x1 Conv or a 3x3 ConvTranspose seen as the Conv it equals: neither has its H factored
+    hessians = ["kron" if kron == 0 else "exact", "exact"]
     for unit in range(group.size):
         comp = compensate(an.graph, _removed_elements(an, group, [unit]), an.specs, cfg, statistics=stats)
-        assert len(comp.layers) == 2  # both convs reading c1
-        assert [layer["hessian"] for layer in comp.layers] == ["kron" if kron == 0 else "exact", "exact"]
+        assert [layer["op"] for layer in comp.layers] == ["Conv", "ConvTranspose" if third == "transpose" else "Conv"]
+        assert [layer["hessian"] for layer in comp.layers] == hessians
         predicted = sum(layer["predicted_rel_error"] for layer in comp.layers)
         assert scores[group.id][unit] == pytest.approx(predicted, rel=1e-6)
 
@@ -136,8 +146,9 @@ def test_compensation_reuses_the_criterion_statistics_unchanged() -> None:
 
 
 @KRON
-def test_measured_error_on_the_fitting_statistics_is_the_predicted_one(kron: int) -> None:
-    an, cfg, stats, _, _ = _scored(_net(), damping=0.0, kron_columns=kron)
+@pytest.mark.parametrize("third", ["conv", "transpose"])
+def test_measured_error_on_the_fitting_statistics_is_the_predicted_one(kron: int, third: str) -> None:
+    an, cfg, stats, _, _ = _scored(_net(third=third), damping=0.0, kron_columns=kron)
     removed = _removed_elements(an, _c1_group(an), [0, 2, 5])
     comp = compensate(an.graph, removed, an.specs, cfg, statistics=stats)
     measure_layers(an.graph, comp, stats.get([v for v, _ in comp.fits]))
@@ -147,7 +158,7 @@ def test_measured_error_on_the_fitting_statistics_is_the_predicted_one(kron: int
 
 
 def test_consumer_obs_cannot_view_falls_back_to_magnitude_and_says_so() -> None:
-    an, _, _, scores, info = _scored(_net(transpose=True))
+    an, _, _, scores, info = _scored(_net(third="cropping_transpose"))
     fallback = info["magnitude_fallback"]
     assert [c["op"] for c in fallback["consumers"]] == ["ConvTranspose"]
     assert fallback["groups"] == 1
@@ -199,3 +210,35 @@ def test_prune_with_a_factored_h_reports_it_per_layer_and_still_helps() -> None:
         assert lay["measured_rel_error"] < lay["measured_rel_error_uncompensated"]
     check = res.report.compensation["self_check"]
     assert check["relative_error_compensated"] < check["relative_error_uncompensated"]
+
+
+
+class Decoder(nn.Module):
+    """Upsampling by a stride-2 ConvTranspose2d, as in U-Net/FPN decoders and GAN generators."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.up = nn.ConvTranspose2d(12, 6, 3, stride=2, padding=1, output_padding=1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: Any) -> Any:
+        return self.head(torch.relu(self.up(torch.relu(self.c1(x)))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("kron", [1024, 0], ids=["default", "factor-every-conv"])
+def test_an_upsampling_conv_transpose_is_compensated_like_a_conv(kron: int) -> None:
+    torch.manual_seed(0)
+    dense = _export(Decoder())
+    # the ConvTranspose keeps its outputs, so its own output can be compared with the dense one
+    res = api.prune(dense, sparsity=0.4, latency_runs=0, samples=32, kron_columns=kron, exclude=["up.bias"])
+    comp = res.report.compensation
+    (up,) = comp["layers"]
+    assert (up["op"], up["removed_inputs"], up["hessian"]) == ("ConvTranspose", 4, "exact")
+    assert up["measured_rel_error"] < 0.8 * up["measured_rel_error_uncompensated"] and comp["applied"]
+    plain = api.prune(dense, sparsity=0.4, latency_runs=0, compensate="none", exclude=["up.bias"]).model
+    out = next(n.output[0] for n in dense.graph.node if n.op_type == "ConvTranspose")
+    feeds = next(iter(batches(signature(dense), 64, None, "blobs", 123)))
+    want, got, cut = ({out: runtime.run(runtime.probe_session(m, [out]), feeds, [out])[out]}
+                      for m in (dense, res.model, plain))
+    assert relative_error(want, got) < 0.6 * relative_error(want, cut)
