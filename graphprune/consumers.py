@@ -146,10 +146,23 @@ def tap_coverage(spatial: tuple[int, ...], kernel: tuple[int, ...], strides: tup
     return cov[tuple(slice(pads[i], pads[i] + spatial[i]) for i in range(nd))], math.prod(out) * math.prod(kernel)
 
 
+def _auto_pad(node: NodeProto) -> str:
+    auto = attr(node, "auto_pad", b"NOTSET")
+    return auto.decode() if isinstance(auto, bytes) else str(auto)
+
+
+def _geometry(g: DependencyGraph, node: NodeProto) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """A (transposed) convolution's kernel, strides and dilations."""
+    kernel = tuple(g.shape(node.input[1])[2:])
+    nd = len(kernel)
+    strides = tuple(int(s) for s in attr(node, "strides", [1] * nd))
+    dilations = tuple(int(d) for d in attr(node, "dilations", [1] * nd))
+    return kernel, strides, dilations
+
+
 def _conv_pads(node: NodeProto, in_spatial: tuple[int, ...], kernel: tuple[int, ...],
                strides: tuple[int, ...], dilations: tuple[int, ...]) -> tuple[int, ...]:
-    auto = attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    auto = _auto_pad(node)
     nd = len(kernel)
     if auto in ("NOTSET", ""):
         return tuple(int(p) for p in attr(node, "pads", [0] * 2 * nd))
@@ -183,14 +196,11 @@ def _view(g: DependencyGraph, node: NodeProto, keep: NDArray[np.bool_]) -> Linea
     w = node.input[1]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if node.op_type == "Conv" and int(attr(node, "group", 1)) == 1:
-        kernel = tuple(g.shape(w)[2:])
-        nd = len(kernel)
-        strides = tuple(int(s) for s in attr(node, "strides", [1] * nd))
-        dilations = tuple(int(d) for d in attr(node, "dilations", [1] * nd))
+        kernel, strides, dilations = _geometry(g, node)
         pads = _conv_pads(node, g.shape(x)[2:], kernel, strides, dilations)
         return LinearView(node_name(node), "Conv", x, 1, w, bias, keep, kernel, strides, pads, dilations)
     if node.op_type == "ConvTranspose" and int(attr(node, "group", 1)) == 1:
-        return _transposed_view(g, node, keep)
+        return _transposed_view(g, node, bias, keep)
     if node.op_type == "Gemm" and not int(attr(node, "transA", 0)) and g.rank(x) == 2:
         if bias is not None and (not g.is_const(bias) or g.const(bias).ndim != 1):
             bias = None
@@ -200,27 +210,24 @@ def _view(g: DependencyGraph, node: NodeProto, keep: NDArray[np.bool_]) -> Linea
     return None
 
 
-def _transposed_view(g: DependencyGraph, node: NodeProto, keep: NDArray[np.bool_]) -> LinearView | None:
+def _transposed_view(g: DependencyGraph, node: NodeProto, bias: str | None,
+                     keep: NDArray[np.bool_]) -> LinearView | None:
     """A ConvTranspose as the stride-1 Conv over its zero-upsampled input that it equals, when its
     padding is explicit, leaves that Conv a non-negative padding and its exact H is affordable (else
     OBS leaves it alone)."""
     w = node.input[1]
-    kernel = tuple(g.shape(w)[2:])
+    kernel, strides, dilations = _geometry(g, node)
     nd = len(kernel)
     if g.shape(w)[0] * math.prod(kernel) > MAX_TRANSPOSED_COLUMNS:
         return None
-    auto = attr(node, "auto_pad", b"NOTSET")
-    if (auto.decode() if isinstance(auto, bytes) else str(auto)) not in ("NOTSET", "") or attr(node, "output_shape"):
+    if _auto_pad(node) not in ("NOTSET", "") or attr(node, "output_shape"):
         return None
-    strides = tuple(int(s) for s in attr(node, "strides", [1] * nd))
-    dilations = tuple(int(d) for d in attr(node, "dilations", [1] * nd))
     pads = [int(p) for p in attr(node, "pads", [0] * 2 * nd)]
     extra = [int(p) for p in attr(node, "output_padding", [0] * nd)]
     reach = [(k - 1) * d for k, d in zip(kernel, dilations, strict=True)]
     conv_pads = tuple([reach[i] - pads[i] for i in range(nd)] + [reach[i] - pads[nd + i] + extra[i] for i in range(nd)])
     if min(conv_pads) < 0:
         return None
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     return LinearView(node_name(node), "ConvTranspose", node.input[0], 1, w, bias, keep, kernel, (1,) * nd,
                       conv_pads, dilations, upsample=strides)
 
