@@ -24,17 +24,21 @@ def test_pink_fields_are_standardised_per_sample_and_spatially_smooth() -> None:
     assert 0.2 < channels < 0.9  # a shared field plus each channel's own, like colour channels
 
 
-def test_mixed_alternates_blobs_and_pink_batches() -> None:
-    mixed = list(batches([IMAGE], 16, None, "mixed", seed=3))
-    assert len(mixed) == 4
+def test_mixed_cycles_through_blobs_pink_and_strokes_batches() -> None:
+    mixed = list(batches([IMAGE], 24, None, "mixed", seed=3))
+    assert len(mixed) == 6
     for i, feeds in enumerate(mixed):
         x = feeds["x"]
         assert x.shape == IMAGE.shape and x.dtype == np.float32
-        if i % 2 == 0:  # blobs: smooth fields squashed into (0, 1)
+        if i % 3 == 0:  # blobs: smooth fields squashed into (0, 1)
             assert x.min() > 0.0 and x.max() < 1.0
-        else:  # pink: zero-centred, unit variance per sample
+        elif i % 3 == 1:  # pink: zero-centred, unit variance per sample
             np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
-            assert x.min() < 0.0
+            assert x.min() < -1.0 or x.max() > 1.0
+        else:  # strokes: most pixels on the flat -1 background, a few saturated at +1
+            assert x.min() == -1.0 and x.max() == 1.0
+            background = (x == -1.0).mean()
+            assert 0.45 < background < 0.75 and 0.03 < (x == 1.0).mean() < 0.2
 
 
 @pytest.mark.parametrize("kind", KINDS)
