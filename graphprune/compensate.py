@@ -25,7 +25,7 @@ from graphprune.config import PruneConfig
 from graphprune.consumers import LinearView, linear_views, tap_coverage
 from graphprune.depgraph import DependencyGraph
 from graphprune.errors import UsageError
-from graphprune.inputs import InputSpec
+from graphprune.inputs import InputSpec, read_arrays
 from graphprune.obs import Kron, Moments, energy, obs_remove
 from graphprune.synthetic import batches, dynamic_batch
 
@@ -52,16 +52,10 @@ class Compensation:
 
 def calibration_batches(path: str, specs: list[InputSpec], samples: int) -> Iterator[dict[str, NDArray[Any]]]:
     """The user's real inputs: one array per model input, batch-first, named like the input."""
-    try:
-        data = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read calibration file {path!r}: {exc}; expected an .npz of input arrays") from exc
-    missing = [s.name for s in specs if s.name not in data.files]
-    if missing:
-        raise UsageError(f"calibration file {path!r} lacks arrays for input(s) {missing}; it has {data.files}")
-    total = min(samples, min(int(data[s.name].shape[0]) for s in specs))
+    arrays = read_arrays(path, specs)
+    total = min(samples, next(iter(arrays.values())).shape[0])
     for start in range(0, total, BATCH):
-        yield {s.name: np.asarray(data[s.name][start : start + BATCH]).astype(s.dtype) for s in specs}
+        yield {name: array[start : start + BATCH] for name, array in arrays.items()}
 
 
 def input_batches(model: ModelProto, specs: list[InputSpec], cfg: PruneConfig, kind: str,

@@ -23,6 +23,13 @@ class InputSpec:
     dtype: np.dtype[Any]
     high: int  # exclusive upper bound for integer inputs
 
+    @property
+    def image_like(self) -> bool:
+        """A float [N, C <= 4, H, W] input with some spatial extent: synthetic images and image
+        augmentations (shifts) apply to it."""
+        s = self.shape
+        return np.issubdtype(self.dtype, np.floating) and len(s) == 4 and s[1] <= 4 and min(s[2:]) >= 4
+
 
 def signature(model: ModelProto, overrides: dict[str, tuple[int, ...]] | None = None) -> list[InputSpec]:
     inits = {t.name for t in model.graph.initializer}
@@ -91,3 +98,19 @@ def fix_input_dims(model: ModelProto, specs: list[InputSpec]) -> ModelProto:
             d.dim_value = v
     return fixed
 
+
+def read_arrays(path: str, specs: list[InputSpec]) -> dict[str, NDArray[Any]]:
+    """One array per model input from an .npz, batch-first, all with the same number of rows."""
+    try:
+        with np.load(path) as data:
+            missing = [s.name for s in specs if s.name not in data.files]
+            if missing:
+                raise UsageError(f"calibration file {path!r} lacks arrays for input(s) {missing}; it has {data.files}")
+            arrays = {s.name: np.asarray(data[s.name]).astype(s.dtype, copy=False) for s in specs}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read calibration file {path!r}: {exc}; expected an .npz of input arrays") from exc
+    rows = {k: v.shape[0] if v.ndim else 0 for k, v in arrays.items()}
+    if len(set(rows.values())) != 1 or min(rows.values()) < 1:
+        raise UsageError(f"calibration file {path!r}: every input array needs the same number of rows "
+                         f"(batch-first, at least one), got {rows}")
+    return arrays

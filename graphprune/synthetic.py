@@ -81,8 +81,7 @@ KINDS = ("mixed", *IMAGE_FAMILIES, "gaussian")
 
 
 def _float_input(spec: InputSpec, rng: np.random.Generator, kind: str) -> NDArray[Any]:
-    image_like = len(spec.shape) == 4 and spec.shape[1] <= 4 and min(spec.shape[2:]) >= 4
-    make = IMAGE_FAMILIES.get(kind) if image_like else None
+    make = IMAGE_FAMILIES.get(kind) if spec.image_like else None
     return (make(rng, spec.shape) if make else rng.standard_normal(spec.shape)).astype(spec.dtype)
 
 
