@@ -21,6 +21,7 @@ from graphprune.compensate import Compensation, LayerStatistics, MomentSums, com
 from graphprune.config import PruneConfig
 from graphprune.cost import CostModel
 from graphprune.depgraph import DependencyGraph
+from graphprune.errors import UsageError
 from graphprune.groups import Grouping, build_groups
 from graphprune.importance import ScoringContext, criterion, group_scores
 from graphprune.inputs import InputSpec, signature
@@ -136,6 +137,10 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
         if comp.overrides:
             pruned = _self_checked(an, cfg, plain, plan.removed_root, comp)
     lap("surgery", 0.8)
+    recovery: dict[str, Any] = {}
+    if cfg.recover != "none" and plan.removed:
+        pruned, recovery = _recovered(an, cfg, pruned, lambda f: step("recover", 0.8 + 0.15 * f))
+        lap("recover", 0.95)
     validation: dict[str, Any] = {}
     if cfg.validate:
         reference = masked_reference(an.graph, plan.removed_root, tensor_dtypes(an.model))
@@ -145,8 +150,21 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     report = _report(an, cfg, plan, validation, timings)
     report.compensation = comp.to_dict()
     report.importance = {"criterion": cfg.scoring, **crit.describe()}
+    report.recovery = recovery
     step("done", 1.0)
     return PruneResult(pruned, report, plan)
+
+
+def _recovered(an: Analysis, cfg: PruneConfig, pruned: ModelProto,
+               progress: Callable[[float], None]) -> tuple[ModelProto, dict[str, Any]]:
+    """The recovery stage (graphprune[recover]); torch is imported only when it runs."""
+    try:
+        from graphprune.recover.distill import recover
+    except ImportError as exc:
+        raise UsageError(f"recovery needs PyTorch ({exc}): pip install 'graphprune[recover]' "
+                         "(install the CPU build of torch first to avoid the multi-GB CUDA one)") from exc
+    result = recover(an.model, pruned, an.specs, cfg, progress)
+    return result.model, result.report
 
 
 def _validation_feeds(an: Analysis, cfg: PruneConfig) -> dict[str, NDArray[Any]]:

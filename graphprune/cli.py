@@ -21,7 +21,7 @@ from tqdm import tqdm
 from graphprune import __version__, mlflow_io
 from graphprune.api import analyze, prune
 from graphprune.client import DEFAULT_URL
-from graphprune.config import COMPENSATIONS, HESSIAN_SOURCES, TARGETS, PruneConfig
+from graphprune.config import COMPENSATIONS, HESSIAN_SOURCES, RECOVER_STEPS, RECOVERIES, TARGETS, PruneConfig
 from graphprune.errors import GraphpruneError, UsageError
 from graphprune.importance import CRITERIA
 
@@ -121,6 +121,20 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
                     help="Convs with more im2col columns (input channels x kernel area) than N keep their OBS "
                          "statistics Kronecker-factored, channels x kernel taps (much faster and smaller on wide "
                          "layers, slightly less exact); 0: every Conv wider than 1x1")
+    defaults = PruneConfig()
+    rec = pr.add_argument_group("recovery (pip install 'graphprune[recover]')")
+    rec.add_argument("--recover", choices=RECOVERIES, default="none",
+                     help="distill: after one-shot pruning, train the pruned model to match the dense one's outputs, "
+                          "on --calibration inputs (no labels needed) or, without them, on synthetic inputs; kept "
+                          "only if it agrees better with the dense model on held-out inputs (default: none)")
+    rec.add_argument("--recover-steps", type=int, default=None, metavar="N",
+                     help=f"optimizer steps (default {RECOVER_STEPS['calibration']} with --calibration, "
+                          f"{RECOVER_STEPS['synthetic']} on synthetic inputs)")
+    rec.add_argument("--recover-lr", type=float, default=defaults.recover_lr, metavar="F",
+                     help=f"Adam step size, cosine-decayed (default {defaults.recover_lr:g})")
+    rec.add_argument("--recover-batch", type=int, default=defaults.recover_batch, metavar="N")
+    rec.add_argument("--recover-time", type=float, default=defaults.recover_time, metavar="S",
+                     help="stop training after S seconds (default 0: no limit)")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -132,7 +146,9 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "exclude": list(args.exclude), "seed": args.seed, "validate": args.validate,
         "latency_runs": args.latency_runs, "input_shapes": dict(args.input_shape),
         "compensate": args.compensate, "samples": args.samples, "hessian_source": args.hessian_source,
-        "damping": args.damping, "kron_columns": args.kron_columns,
+        "damping": args.damping, "kron_columns": args.kron_columns, "recover": args.recover,
+        "recover_steps": args.recover_steps, "recover_lr": args.recover_lr, "recover_batch": args.recover_batch,
+        "recover_time": args.recover_time,
         **({"calibration": args.calibration} if args.calibration else {}),
     }
 

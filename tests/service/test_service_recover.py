@@ -1,0 +1,47 @@
+"""Recovery as a job option: progress while it trains, cancel mid-run, the report entry, bad options."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+from service_testing import asgi
+
+from service.settings import Settings
+
+pytestmark = pytest.mark.anyio
+Make = Callable[..., Settings]
+pytest.importorskip("torch")
+
+
+async def test_recovery_progress_shows_in_the_job_and_cancel_stops_it_mid_run(settings: Make) -> None:
+    async with asgi(settings()) as api:
+        job = await api.job(sparsity=0.5, recover="distill", recover_steps=1_000_000, recover_time=600)
+        seen = await api.wait(job["id"], lambda j: j["stage"] == "recover" and j["progress"] > 0.8, timeout=180)
+        assert seen["status"] == "running" and seen["progress"] < 0.95
+        pid = api.runtime.store.get(job["id"]).worker_pid  # type: ignore[union-attr]
+        assert pid is not None
+        response = await api.client.delete(f"/v1/jobs/{job['id']}")
+        assert response.status_code == 200 and response.json()["status"] == "cancelled"
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+async def test_recovery_job_reports_what_it_did(settings: Make) -> None:
+    async with asgi(settings()) as api:
+        done = await api.wait((await api.job(sparsity=0.5, recover="distill", recover_steps=25))["id"], timeout=180)
+        assert done["status"] == "succeeded", done["error"]
+        report = (await api.client.get(f"/v1/jobs/{done['id']}/report")).json()
+        rec = report["recovery"]
+        assert rec["method"] == "distill" and rec["steps"] == 25 and rec["inputs"] == "synthetic:mixed"
+        assert rec["held_out"]["after"]["loss"] <= rec["held_out"]["before"]["loss"]
+        assert report["timings_s"]["recover"] > 0
+
+
+async def test_bad_recovery_options_are_refused_at_submit(settings: Make) -> None:
+    async with asgi(settings()) as api:
+        for bad in ({"recover": "finetune"}, {"recover_steps": -5}, {"recover_time": -1}):
+            response = await api.submit(**bad)
+            assert response.status_code == 422, response.text
+            assert next(iter(bad)) in response.json()["detail"]
