@@ -113,9 +113,17 @@ def tensor_types(model: ModelProto) -> dict[str, TypeProto]:
 # --------------------------------------------------------------------------- saving
 
 
+def serialized_size(model: ModelProto) -> int:
+    """The model's serialized size, or a bound within a few bytes per tensor of it: protobuf's own
+    `ByteSize()` raises EncodeError on a message past 2 GiB, so the main-graph initializers are
+    measured one by one (each field's tag and length prefix at most 11 bytes)."""
+    tensors = model.graph.initializer
+    return without_initializers(model).ByteSize() + sum(t.ByteSize() + 11 for t in tensors)
+
+
 def model_bytes(model: ModelProto) -> bytes:
     """The serialized model; refuses what protobuf cannot serialize instead of crashing."""
-    size = model.ByteSize()
+    size = serialized_size(model)
     if size >= PROTOBUF_LIMIT:
         raise ModelTooLargeError(
             f"the model serializes to {size:,} bytes, over protobuf's 2 GiB limit; "
@@ -132,7 +140,7 @@ def save_model(model: ModelProto, path: str | os.PathLike[str]) -> None:
     """
     require_loaded(model)  # references relative to another folder would dangle
     target = Path(path)
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if serialized_size(model) < PROTOBUF_LIMIT:
         with _atomic_file(target) as f:
             f.write(model.SerializeToString())
         return

@@ -18,6 +18,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from graphprune import model as gm
 from graphprune import normalize as gn
+from graphprune import runtime
 from graphprune.errors import InvalidModelError, ModelTooLargeError
 from graphprune.loading import declared_bytes, load_model
 from graphprune.model import infer_shapes, model_bytes, save_model
@@ -707,6 +708,31 @@ def test_large_models_are_saved_with_external_data(tmp_path: Path, monkeypatch: 
     assert loaded.SerializeToString() == load_model(model).SerializeToString()
     x = weights(2, 64)
     np.testing.assert_array_equal(run(loaded, {"x": x})[0], run(model, {"x": x})[0])
+
+
+@pytest.mark.slow
+def test_a_model_really_past_2_gib_is_saved_and_loads_back(tmp_path: Path) -> None:
+    """Not a patched limit: 2.5 GiB of weights, where protobuf's own ByteSize() raises EncodeError."""
+    parts = 5  # 5 x 512 MiB
+    names = [f"w{i}" for i in range(parts)]
+    nodes = [helper.make_node("Sum", names, ["s"]), helper.make_node("Slice", ["s", "zero", "one"], ["first"]),
+             helper.make_node("Add", ["x", "first"], ["y"])]
+    model = make(nodes, [("x", [1])], ["y"], {"zero": np.array([0]), "one": np.array([1])})
+    for i, name in enumerate(names):
+        w = np.zeros(1 << 27, np.float32)
+        w[0] = i + 1
+        model.graph.initializer.append(numpy_helper.from_array(w, name))
+        del w
+    assert gm.serialized_size(model) > 2**31
+    with pytest.raises(ModelTooLargeError, match="2 GiB"):
+        model_bytes(model)
+    path = tmp_path / "big.onnx"
+    save_model(model, path)
+    assert (tmp_path / "big.onnx.data").stat().st_size == parts << 29
+    del model
+    loaded = load_model(path)
+    out = runtime.run(runtime.session(loaded), {"x": np.array([0.5], np.float32)})["y"]
+    assert out.tolist() == [0.5 + sum(range(1, parts + 1))]
 
 
 # --------------------------------------------------------------------------- real export
