@@ -27,6 +27,9 @@ SERVER_PATH_OPTIONS = frozenset({"calibration"})
 SOURCE = "source"  # an MLflow model URI to prune instead of an upload; only in a JSON body
 REGISTER_AS = "register_as"  # register the pruned model in MLflow as a new version of this name
 JOB_OPTIONS = frozenset({SOURCE, REGISTER_AS})  # job options that are not PruneConfig fields
+# A job's recovery trains for at most this share of the job timeout, so it stops with a result (the best
+# checkpoint, or the one-shot model) instead of being killed at the timeout with none.
+RECOVER_SHARE = 0.5
 
 
 @cache
@@ -68,6 +71,16 @@ def parse_json(pairs: Iterable[tuple[str, str]], text: bytes) -> dict[str, Any]:
                            "upload a model as application/octet-stream or multipart/form-data instead")
     query = parse(pairs)
     return validate({**config, **body, **query})
+
+
+def bounded(options: dict[str, Any], job_timeout_s: float) -> dict[str, Any]:
+    """The options a recovery job runs with: `recover_time` at most RECOVER_SHARE of the server's job
+    timeout. A client can ask for less, never more; the job's options show the bound it ran under."""
+    if options.get("recover", "none") == "none":
+        return options
+    cap = round(job_timeout_s * RECOVER_SHARE, 3)
+    asked = float(options.get("recover_time") or 0.0)
+    return {**options, "recover_time": min(asked, cap) if asked > 0 else cap}
 
 
 def split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
