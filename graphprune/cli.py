@@ -173,10 +173,15 @@ def _prune(args: argparse.Namespace) -> int:
     if args.register_as:
         origin = str(args.input) if mlflow_io.is_model_uri(str(args.input)) else str(args.input.absolute())
         mlflow_io.register_result(result, name=args.register_as, source=origin, tracking_uri=args.tracking_uri)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    result.save(args.output)
-    if args.report:
+    if args.report:  # first: what was pruned is known even if the model cannot be written
         args.report.write_text(result.report.to_json())
+    try:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        result.save(args.output)
+    except OSError as exc:
+        kept = f"; the report is in {args.report}" if args.report else ""
+        print(f"graphprune: error: cannot write {args.output}: {exc}{kept}", file=sys.stderr)
+        return 1
     _done(args, result.report.summary())
     return 0
 

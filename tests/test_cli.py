@@ -40,6 +40,17 @@ def test_prune_writes_model_and_report(demo: Path, tmp_path: Path) -> None:
     assert y.shape == (3, 10)
 
 
+def test_a_model_that_cannot_be_written_still_leaves_its_report(demo: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the output's folder should be: the model cannot be written
+    out, rep = blocker / "out.onnx", tmp_path / "r.json"
+    rc = main(["prune", str(demo), str(out), "--sparsity", "0.4", "--report", str(rep), "-q", "--latency-runs", "0"])
+    assert rc == 1
+    assert f"cannot write {out}" in capsys.readouterr().err
+    assert json.loads(rep.read_text())["groups"]["pruned"] == 5
+
+
 def test_inspect_json(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(demo), "--json", "--members"]) == 0
     summary = json.loads(capsys.readouterr().out)
