@@ -75,12 +75,16 @@ def parse_json(pairs: Iterable[tuple[str, str]], text: bytes) -> dict[str, Any]:
 
 def bounded(options: dict[str, Any], job_timeout_s: float) -> dict[str, Any]:
     """The options a recovery job runs with: `recover_time` at most RECOVER_SHARE of the server's job
-    timeout. A client can ask for less, never more; the job's options show the bound it ran under."""
+    timeout, which is also its default; the job's options show the bound it runs under. Asking for
+    more is a 422 naming the cap: a client cannot lift a server-side limit."""
     if options.get("recover", "none") == "none":
         return options
     cap = round(job_timeout_s * RECOVER_SHARE, 3)
     asked = float(options.get("recover_time") or 0.0)
-    return {**options, "recover_time": min(asked, cap) if asked > 0 else cap}
+    if asked > cap:
+        raise Problem(422, f"recover_time {asked:g} s is over this server's limit of {cap:g} s for recovery "
+                           f"({RECOVER_SHARE:g} of GRAPHPRUNE_JOB_TIMEOUT_S); ask for {cap:g} or less")
+    return {**options, "recover_time": asked if asked > 0 else cap}
 
 
 def split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
