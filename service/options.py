@@ -30,6 +30,7 @@ JOB_OPTIONS = frozenset({SOURCE, REGISTER_AS})  # job options that are not Prune
 # A job's recovery trains for at most this share of the job timeout, so it stops with a result (the best
 # checkpoint, or the one-shot model) instead of being killed at the timeout with none.
 RECOVER_SHARE = 0.5
+MAX_JSON_CHARS, MAX_JSON_DEPTH = 1 << 16, 8  # client JSON (config, mapping options): size and nesting
 
 
 @cache
@@ -138,11 +139,31 @@ def _job_options(job: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
-def _config_object(text: str, what: str = repr(CONFIG_PARAM)) -> dict[str, Any]:
+def _json(text: str, what: str) -> Any:
+    """JSON from a client, bounded in size and depth: the decoder recurses per level, so a deep enough
+    document would otherwise end the request in a RecursionError (a 500)."""
+    if len(text) > MAX_JSON_CHARS:
+        raise Problem(422, f"{what} is {len(text):,} characters of JSON; options fit in {MAX_JSON_CHARS:,}")
+    too_deep = Problem(422, f"{what} nests deeper than {MAX_JSON_DEPTH} levels; options nest 3 at most "
+                            '(e.g. {"input_shapes": {"x": [1, 3, 224, 224]}})')
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise Problem(422, f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep from None
+    pending = [(value, 1)]
+    while pending:  # iteratively: a recursive walk could hit the same limit
+        item, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise too_deep
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        pending.extend((child, depth + 1) for child in children)
+    return value
+
+
+def _config_object(text: str, what: str = repr(CONFIG_PARAM)) -> dict[str, Any]:
+    value = _json(text, what)
     if not isinstance(value, dict):
         raise Problem(422, f"{what} must be a JSON object of options, got {type(value).__name__}")
     return value
@@ -156,10 +177,7 @@ def _from_text(name: str, values: list[str]) -> Any:
     if len(values) > 1:
         raise Problem(422, f"option {name!r} was given {len(values)} times; give it once")
     if kind is dict:
-        try:
-            return json.loads(values[0])
-        except json.JSONDecodeError:
-            raise Problem(422, f"option {name!r} must be a JSON object, got {values[0]!r}") from None
+        return _json(values[0], f"option {name!r}")
     return values[0]
 
 

@@ -99,3 +99,22 @@ def test_readme_service_examples_work_as_written(settings: Make, tmp_path: Path)
     onnx.checker.check_model(onnx.load(str(tmp_path / "model.pruned.onnx")), full_check=True)
     assert json.loads((tmp_path / "report.json").read_text())["config"]["target"] == "flops"
     assert (tmp_path / "model.pruned-50.onnx").is_file()
+
+
+def test_deeply_nested_json_is_a_422_not_a_500(settings: Make) -> None:
+    """The JSON decoder recurses per level: 2,000 levels used to end the request in a RecursionError."""
+    deep = "[" * 2000 + "]" * 2000
+    with live_server(settings()) as url, httpx.Client(base_url=url) as http:
+        answers = [
+            http.post("/v1/jobs", params={"config": deep}, content=DEMO, headers=OCTET),
+            http.post("/v1/jobs", params={"input_shapes": deep}, content=DEMO, headers=OCTET),
+            http.post("/v1/jobs", content="[" * 20_000 + "]" * 20_000, headers={"Content-Type": "application/json"}),
+            http.post("/v1/jobs", files={"model": ("m.onnx", DEMO)}, data={"config": deep}),
+            http.post("/v1/jobs", params={"config": json.dumps({"input_shapes": {"x": [[[[[[[[1]]]]]]]]}})},
+                      content=DEMO, headers=OCTET),
+        ]
+        for response in answers:
+            assert response.status_code == 422, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert "nests deeper than 8 levels" in response.json()["detail"]
+        assert http.get("/readyz").status_code == 200
