@@ -128,6 +128,13 @@ class PruneConfig:
             raise UsageError(f"recover_temperature must be > 0, got {self.recover_temperature}")
         if self.latency_runs < 0:
             raise UsageError(f"latency_runs must be >= 0, got {self.latency_runs}")
+        if not 0 <= self.seed < 2**63:  # numpy's generators take non-negative seeds only
+            raise UsageError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.max_model_bytes < 1:
+            raise UsageError(f"max_model_bytes must be >= 1, got {self.max_model_bytes}")
+        bad = {k: v for k, v in self.input_shapes.items() if not v or any(d < 1 for d in v)}
+        if bad:
+            raise UsageError(f"input_shapes need every dimension >= 1, got {bad}; e.g. --input-shape x=1,3,224,224")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneConfig:

@@ -139,6 +139,9 @@ async def test_oversize_chunked_and_multipart(settings: Make) -> None:
     ({"validate": "perhaps"}, ["validate", "boolean"]),
     ({"sparsity": ["0.1", "0.2"]}, ["sparsity", "2 times"]),
     ({"calibration": "/etc/passwd"}, ["calibration", "server"]),
+    ({"seed": -1}, ["seed", "[0, 2**63)"]),  # used to be accepted, then failed the job with a ValueError
+    ({"input_shapes": json.dumps({"input": [0, 3, 16, 16]})}, ["input_shapes", ">= 1"]),
+    ({"max_model_bytes": 0}, ["max_model_bytes"]),
 ])
 async def test_bad_options_are_422_before_upload(settings: Make, params: dict[str, Any], words: list[str]) -> None:
     async with asgi(settings()) as api:
