@@ -40,7 +40,11 @@ def dense(arch: str) -> float:
 
 @functools.cache
 def pruned(arch: str, method: str) -> run.Cell:
-    return run.run_cell(models.task(arch), METHODS[method], HALF)
+    m = METHODS[method]
+    if m.ranking_of:  # as the benchmark runs it: with the ranking that method chose
+        chosen = pruned(arch, m.ranking_of).ranking
+        return run.run_cell(models.task(arch), m, HALF, {chosen: run.RANKINGS[chosen]})
+    return run.run_cell(models.task(arch), m, HALF)
 
 
 @pytest.mark.parametrize("arch", models.ARCHS)
@@ -72,3 +76,20 @@ def test_obs_with_calibration_beats_magnitude_at_half_flops() -> None:
 def test_data_free_obs_beats_magnitude_at_half_flops(method: str) -> None:
     """Without any data: L2 selection + OBS, and OBS importance + OBS (issue 5's goal on these nets)."""
     assert not _losers(method)
+
+
+# Recovery (issue 11) at -50% FLOPs, the benchmark's own cells, as fractions of dense accuracy. Measured
+# when written (benchmarks/accuracy/RESULTS.md, ResNet / MobileNetV2 / ViT / MLP): with 256 unlabelled
+# training images .997 / .985 / .976 / 1.00 (mean .990), data-free .989 / .916 / .944 / .998 (mean .962).
+# The floors leave room for run-to-run noise (about ±.01 per net).
+RECOVERED_FLOOR = {"recover_unlabelled": (0.95, 0.98), "recover": (0.85, 0.95)}  # (every net, mean)
+
+
+@pytest.mark.parametrize("method", ["recover_unlabelled", "recover"])
+def test_recovery_brings_back_dense_accuracy(method: str) -> None:
+    fractions = {arch: pruned(arch, method).headline / dense(arch) for arch in models.ARCHS}
+    each, mean_floor = RECOVERED_FLOOR[method]
+    assert min(fractions.values()) >= each, fractions
+    one_shot = {arch: pruned(arch, "obs_crit").headline / dense(arch) for arch in models.ARCHS}
+    mean = sum(fractions.values()) / len(fractions)
+    assert mean >= mean_floor and mean > sum(one_shot.values()) / len(one_shot) + 0.1, (fractions, one_shot)

@@ -34,6 +34,7 @@ MAX_IR_VERSION = 10  # onnxruntime 1.31 refuses the IR 11+ that onnx 1.23 writes
 ORT_THREADS = 2
 
 Scores = dict[str, float]  # metric name -> value; the first entry is the headline metric
+UNLABELLED_INPUTS = 256  # the recovery row's unlabelled inputs (issue: "256 unlabelled inputs")
 
 
 @dataclass
@@ -61,6 +62,8 @@ class Task:
     prune_options: dict[str, Any] = field(default_factory=dict)  # e.g. input_shapes for dynamic inputs
     torch_net: Callable[[], TorchNet] | None = None
     note: str = ""
+    unlabelled: Path | None = None  # .npz of UNLABELLED_INPUTS real inputs for the recovery-with-data row
+    recover_options: dict[str, Any] = field(default_factory=dict)  # e.g. a time budget for the large models
 
 
 def fingerprint(*parts: Any) -> str:
@@ -99,6 +102,22 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], output: str 
     proto = onnx.load_from_string(buf.getvalue())
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     return proto
+
+
+def english_sentences(count: int, min_words: int = 6, max_words: int = 25) -> tuple[str, ...]:
+    """Real English sentences that ship with Python (the pydoc topic texts), for unlabelled text
+    inputs: never the scored ones, reproducible, no download."""
+    import re
+    from pydoc_data import topics
+
+    text = re.sub(r"\s+", " ", " ".join(topics.topics[k] for k in sorted(topics.topics)))
+    found = [t.strip() for t in re.split(r"(?<=[.!?])\s+", text)]
+    plain = [t for t in found if min_words <= len(t.split()) <= max_words and re.fullmatch(r"[A-Za-z0-9 ,.;:'()-]+", t)]
+    unique = list(dict.fromkeys(plain))
+    if len(unique) < count:
+        raise ValueError(f"only {len(unique)} sentences of {min_words}-{max_words} words, {count} asked")
+    pick = np.random.default_rng(0).permutation(len(unique))[:count]
+    return tuple(unique[i] for i in sorted(pick))
 
 
 def cached_onnx(path: Path, build: Callable[[], ModelProto]) -> Path:

@@ -20,6 +20,7 @@ from onnx import ModelProto
 
 from benchmarks.accuracy.common import (
     CACHE,
+    UNLABELLED_INPUTS,
     Task,
     TorchNet,
     atomic_write,
@@ -39,7 +40,7 @@ SIDE = 8  # digits are 8x8 grayscale; used as they are
 BATCH = 128
 INPUT = "input"
 SEED = 0
-CALIBRATION_IMAGES = 256
+CALIBRATION_IMAGES = UNLABELLED_INPUTS
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,7 @@ def task(arch: str) -> Task:
         score=lambda m: {"accuracy": evaluate(m, split.x_test, split.y_test)},
         calibration=calibration_path(),
         torch_net=lambda: torch_net(arch),
+        unlabelled=calibration_path(),  # the 256 training images, their labels never used
     )
 
 

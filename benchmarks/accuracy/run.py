@@ -36,7 +36,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 import numpy as np
 
 from benchmarks.accuracy import minilm, models, ocr, tp_baseline
-from benchmarks.accuracy.common import CACHE, Scores, Task, export_onnx
+from benchmarks.accuracy.common import CACHE, UNLABELLED_INPUTS, Scores, Task, export_onnx
+from benchmarks.measure import measured
 
 HERE = Path(__file__).resolve().parent
 RATIOS = (0.3, 0.5, 0.7)
@@ -51,6 +52,8 @@ class Method:
     tool: str  # "dense" | "graphprune" | "torch-pruning"
     options: dict[str, Any] = field(default_factory=dict)  # graphprune.prune overrides; Torch-Pruning: counter
     calibrated: bool = False  # pass the task's calibration .npz
+    unlabelled: bool = False  # pass the task's UNLABELLED_INPUTS .npz (for OBS statistics and recovery)
+    ranking_of: str = ""  # reuse the ranking the method with this key chose at the same ratio (no second run)
 
 
 METHODS = (
@@ -62,6 +65,9 @@ METHODS = (
     Method("obs_crit", "OBS importance + OBS (data-free)", "graphprune", {"criterion": "obs", "compensate": "obs"}),
     Method("obs_crit_calib", "OBS importance + OBS + calibration data", "graphprune",
            {"criterion": "obs", "compensate": "obs"}, calibrated=True),
+    Method("recover", "default + recovery (data-free)", "graphprune", {"recover": "distill"}, ranking_of="obs_crit"),
+    Method("recover_unlabelled", f"default + recovery ({UNLABELLED_INPUTS} unlabelled inputs)", "graphprune",
+           {"recover": "distill"}, unlabelled=True, ranking_of="obs_crit"),
     Method("torch_pruning", "Torch-Pruning L2 (no compensation), at its MACs count", "torch-pruning",
            {"counter": "tp"}),
     Method("torch_pruning_gp", "Torch-Pruning L2 (no compensation), at graphprune's MACs count", "torch-pruning",
@@ -106,18 +112,29 @@ def attempt(task: Task, method: Method, ratio: float, global_ranking: bool) -> C
         import graphprune
 
         opts = {**task.prune_options, **method.options}
-        if method.calibrated:
-            if task.calibration is None:
-                raise FileNotFoundError("no calibration data for this model")
-            opts |= {"calibration": str(task.calibration), "samples": _samples(task.calibration)}
-        res = graphprune.prune(str(task.onnx_path), sparsity=ratio, target="flops", global_ranking=global_ranking,
-                               latency_runs=0, validate=False, **opts)
+        data = task.calibration if method.calibrated else task.unlabelled if method.unlabelled else None
+        if (method.calibrated or method.unlabelled) and data is None:
+            raise FileNotFoundError("no real inputs for this model")
+        if data is not None:
+            opts |= {"calibration": str(data), "samples": _samples(data)}
+        if "recover" in method.options:
+            opts |= task.recover_options
+        with measured() as sec:
+            res = graphprune.prune(str(task.onnx_path), sparsity=ratio, target="flops",
+                                   global_ranking=global_ranking, latency_runs=0, validate=False, **opts)
         rep = res.report.to_dict()
         groups = [f"{g['producers'][0]} -{g['removed']}/{g['units']}" for g in rep["groups"]["pruned_list"]]
         comp = rep.get("compensation") or {}
-        return Cell(task.score(res.model), 1.0 - rep["flops"]["after"] / rep["flops"]["before"],
-                    detail={"pruned_groups": groups, "compensation": {k: comp.get(k) for k in
-                                                                      ("method", "source", "self_check")}})
+        detail: dict[str, Any] = {"pruned_groups": groups,
+                                  "compensation": {k: comp.get(k) for k in ("method", "source", "self_check")}}
+        if rep["recovery"]:
+            rec = rep["recovery"]
+            detail["recovery"] = {**{k: rec.get(k) for k in ("applied", "reason", "skipped", "inputs", "steps",
+                                                             "stopped", "best_step", "lr_backoffs", "train_seconds",
+                                                             "held_out")},
+                                  "prune_seconds": round(sec.seconds, 1), "rss_start_mib": round(sec.rss_start_mib),
+                                  "rss_peak_mib": round(sec.rss_peak_mib)}
+        return Cell(task.score(res.model), 1.0 - rep["flops"]["after"] / rep["flops"]["before"], detail=detail)
     if task.torch_net is None:
         raise NotImplementedError(task.note or "no torch net")
     net = task.torch_net()
@@ -130,10 +147,10 @@ def attempt(task: Task, method: Method, ratio: float, global_ranking: bool) -> C
                 detail={"tp_ratio": round(pruned.ratio, 4), f"reduction_{yardstick}_counter": pruned.reduction})
 
 
-def run_cell(task: Task, method: Method, ratio: float) -> Cell:
+def run_cell(task: Task, method: Method, ratio: float, rankings: dict[str, bool] | None = None) -> Cell:
     """Best of global and local ranking (by the headline score); each failure is kept as its error class."""
     cells = []
-    for name, flag in RANKINGS.items():
+    for name, flag in (rankings or RANKINGS).items():
         t0 = time.perf_counter()
         try:
             cell = attempt(task, method, ratio, flag)
@@ -185,7 +202,9 @@ def evaluate_task(task: Task, ratios: tuple[float, ...], methods: tuple[Method, 
             continue
         cells[method.key] = {}
         for ratio in ratios:
-            cell = run_cell(task, method, ratio)
+            chosen = cells.get(method.ranking_of, {}).get(ratio)
+            rankings = {chosen.ranking: RANKINGS[chosen.ranking]} if chosen and chosen.ranking else None
+            cell = run_cell(task, method, ratio, rankings)
             cells[method.key][ratio] = cell
             print(f"[{task.name} −{ratio:.0%}] {method.label}: {fmt(cell, ratio)}  ({cell.seconds:.1f} s)",
                   flush=True)
@@ -206,14 +225,40 @@ def counters(task: Task) -> str:
     return text
 
 
-def markdown(results: dict[str, Any], ratios: tuple[float, ...], seconds: float) -> str:
+def recovery_cost(cells: dict[str, Any]) -> list[str]:
+    """Per recovery cell: steps run (and why it stopped), training time, peak RSS of the whole prune."""
+    rows = []
+    for method in METHODS:
+        for ratio, cell in cells.get(method.key, {}).items():
+            rec = cell.get("detail", {}).get("recovery")
+            if not rec:
+                continue
+            if rec.get("skipped"):
+                state, steps, training = f"skipped: {rec['skipped']}", "—", "—"
+            else:
+                state = "applied" if rec["applied"] else f"not applied: {rec.get('reason')}"
+                steps, training = f"{rec['steps']} ({rec['stopped']})", f"{rec['train_seconds']:.0f} s"
+            rss = f"{rec['rss_peak_mib']} MiB (+{rec['rss_peak_mib'] - rec['rss_start_mib']})"
+            rows.append(f"| {method.label} | −{float(ratio):.0%} | {steps} | {training} | "
+                        f"{rec['prune_seconds']:.0f} s | {rss} | {state} |")
+    if not rows:
+        return []
+    return ["", "Recovery cost (2 threads): steps run, training time, the whole prune's wall time, peak RSS of the "
+                "process during it (+ over its RSS before):", "",
+            "| row | FLOPs | steps | training | prune total | peak RSS | result |",
+            "|---|---|---|---|---|---|---|", *rows]
+
+
+def markdown(results: dict[str, Any], ratios: tuple[float, ...], seconds: float, updated: str = "") -> str:
     versions = ", ".join(f"{d} {metadata.version(d)}" for d in
                          ("graphprune", "torch", "torch-pruning", "onnxruntime", "transformers"))
     out = [
         "# Accuracy after structured pruning",
         "",
         "Generated by `python -m benchmarks.accuracy.run` (see the module docstring for the method). "
-        f"Versions: {versions}. This run: {seconds / 60:.1f} min on a shared 2-core CPU machine.",
+        f"Versions: {versions}. " + (f"Cells of {updated} rerun with `--update` ({seconds / 60:.1f} min)"
+                                     if updated else f"This run: {seconds / 60:.1f} min")
+        + " on a shared 2-core CPU machine.",
         "",
         "Cells: score(s) on real held-out data; (g)/(l) = global or local ranking, the better of the two; "
         "[−x%] = achieved FLOPs reduction (graphprune's counter) when more than a point off the column's target. "
@@ -231,12 +276,26 @@ def markdown(results: dict[str, Any], ratios: tuple[float, ...], seconds: float)
         out += [entry["table"], "", f"FLOPs counters: {entry['counters']}."]
         if entry.get("note"):
             out.append(f"Note: {entry['note']}.")
+        out += recovery_cost(entry["cells"])
         mag = entry["cells"].get("magnitude", {}).get(shown)
         if mag and not mag.get("error"):
             out.append(f"Pruned groups, magnitude at −{shown:.0%} ({mag['ranking']}): "
                        + "; ".join(mag["detail"].get("pruned_groups", [])) + ".")
         out.append("")
     return "\n".join(out)
+
+
+RESULTS_JSON = HERE / "RESULTS.json"
+
+
+def merged(name: str, fresh: dict[str, dict[float, Cell]]) -> dict[str, dict[float, Cell]]:
+    """The last full run's cells of `name` (RESULTS.json) with the `fresh` ones in their place."""
+    old = json.loads(RESULTS_JSON.read_text()).get(name, {}).get("cells", {})
+    cells = {k: {float(r): Cell(**c) for r, c in row.items()} for k, row in old.items()}
+    for key, row in fresh.items():
+        if key != "dense":
+            cells.setdefault(key, {}).update(row)
+    return cells
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", help="comma-separated FLOPs reductions (default 0.3,0.5,0.7)")
     parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(m.key for m in METHODS)}")
     parser.add_argument("--output", type=Path, help="markdown file (default: RESULTS.md on a full run)")
+    parser.add_argument("--update", action="store_true",
+                        help="rerun only the chosen models/methods/ratios and merge them into RESULTS.md/.json")
     args = parser.parse_args(argv)
 
     import torch
@@ -257,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = (0.5,) if args.quick else tuple(float(r) for r in (args.ratios.split(",") if args.ratios else RATIOS))
     methods = tuple(m for m in METHODS if not args.methods or m.key == "dense" or m.key in args.methods.split(","))
     full = not (args.quick or args.models or args.ratios or args.methods)
-    output = args.output or (HERE / "RESULTS.md" if full else None)
+    output = args.output or (HERE / "RESULTS.md" if full or args.update else None)
 
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
@@ -269,16 +330,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] not run: {results[name]['error']}", flush=True)
             continue
         cells = evaluate_task(task, ratios, methods)
-        results[name] = {"table": table(task, cells, ratios), "counters": counters(task), "note": task.note,
+        if args.update:
+            cells = merged(task.name, cells)
+        shown = RATIOS if args.update else ratios
+        results[name] = {"table": table(task, cells, shown), "counters": counters(task), "note": task.note,
                          "cells": {k: {r: asdict(c) for r, c in row.items()} for k, row in cells.items()}}
         print("\n" + results[name]["table"] + "\n", flush=True)
     seconds = time.perf_counter() - t0
     print(f"total {seconds:.0f} s")
+    if args.update:
+        results = {**json.loads(RESULTS_JSON.read_text()), **results}
+        ratios = RATIOS
     raw = output.with_suffix(".json") if output else CACHE / "results-last.json"
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps(results, indent=1, default=str))  # every cell's detail: groups, TP ratios, errors
     if output:
-        output.write_text(markdown(results, ratios, seconds))
+        updated = f"{', '.join(names)} ({args.methods or 'all methods'})" if args.update else ""
+        output.write_text(markdown(results, ratios, seconds, updated))
     print(f"wrote {', '.join(str(p) for p in (output, raw) if p)}")
     return 0
 
