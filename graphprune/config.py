@@ -23,7 +23,7 @@ HESSIAN_SOURCES: tuple[str, ...] = ("auto", "synthetic", "calibration", "identit
 RECOVERIES: tuple[str, ...] = ("none", "distill")
 # Default distillation steps by what it trains on. A few hundred real inputs recover the digits nets to
 # 99% of dense in 1000 steps; synthetic inputs teach less per step (1000 steps: 94.7% of dense at -50%
-# FLOPs, 3000: 97.5%), so the data-free default runs longer (benchmarks/accuracy/RESULTS.md).
+# FLOPs, 3000: 96.1%), so the data-free default runs longer (benchmarks/accuracy/RESULTS.md).
 RECOVER_STEPS = {"calibration": 1000, "synthetic": 3000}
 
 

@@ -24,6 +24,7 @@ HOLDOUT_FRACTION = 0.125
 HOLDOUT_MIN, HOLDOUT_MAX = 8, 64
 SYNTHETIC_HELD_OUT = 64
 SYNTHETIC_KIND = "mixed"
+PROBE_SAMPLES, PROBE_BATCH = 64, 8
 SHIFT_FRACTION = 0.125  # image inputs are shifted by up to this fraction of each side (at least a pixel)
 
 
@@ -71,6 +72,12 @@ def training_inputs(specs: list[InputSpec], calibration: str | None, batch: int,
     train = batches(specs, 1 << 62, size, SYNTHETIC_KIND, seed)
     held_out = list(batches(specs, SYNTHETIC_HELD_OUT, size, SYNTHETIC_KIND, seed + 104729))
     return TrainingInputs(f"synthetic:{SYNTHETIC_KIND}", shape, train, held_out, None)
+
+
+def probe(specs: list[InputSpec], fixed: int | None, seed: int) -> list[Feeds]:
+    """PROBE_SAMPLES synthetic inputs in batches of PROBE_BATCH: every kind of the mixed stream (one kind
+    per batch) shows up, for judging whether synthetic inputs can teach the model anything."""
+    return list(batches(specs, PROBE_SAMPLES, fixed or PROBE_BATCH, SYNTHETIC_KIND, seed + 7919))
 
 
 def _calibration(specs: list[InputSpec], path: str, batch: int, fixed: int | None, seed: int) -> TrainingInputs:

@@ -43,7 +43,7 @@ def _path(name: str) -> str:
 
 
 def test_zero_steps_reproduce_the_one_shot_model_byte_for_byte() -> None:
-    path = _path("resnet_tiny-ts")
+    path = str(_digits("resnet").onnx_path)  # trained: a random-weight net answers all synthetic inputs alike
     one_shot = graphprune.prune(path, **FAST)
     zero = graphprune.prune(path, **FAST, recover="distill", recover_steps=0)
     assert zero.model.SerializeToString() == one_shot.model.SerializeToString()
@@ -172,3 +172,13 @@ def test_data_free_recovery_runs_longer_by_default() -> None:
     assert PruneConfig(recover="distill").steps_to_recover == RECOVER_STEPS["synthetic"]
     assert PruneConfig(recover="distill", calibration="x.npz").steps_to_recover == RECOVER_STEPS["calibration"]
     assert PruneConfig(recover="distill", recover_steps=7).steps_to_recover == 7
+
+
+def test_data_free_recovery_leaves_a_model_alone_where_synthetic_inputs_get_one_answer() -> None:
+    """PP-OCR rec (trained weights) predicts "blank" almost everywhere on synthetic lines: distilling on them
+    took its real character accuracy from .88 to 0 in the benchmark, so it is skipped with the reason."""
+    options = {"latency_runs": 0, "sparsity": 0.3, "compensate": "none", "input_shapes": {"x": [1, 3, 48, 320]}}
+    res = graphprune.prune(_path("ppocr_rec"), **options, recover="distill", recover_steps=5)
+    rec = res.report.recovery
+    assert not rec["applied"] and "the same answer" in rec["skipped"] and "--calibration" in rec["skipped"]
+    assert res.model.SerializeToString() == graphprune.prune(_path("ppocr_rec"), **options).model.SerializeToString()
