@@ -116,7 +116,7 @@ async def submit(request: Request, rt: Rt,
     try:
         if body.fields:
             opts = options.parse(query + body.fields)
-        job = rt.accept(body, options.bounded(opts, rt.settings.job_timeout_s), idempotency_key)
+        job = rt.accept(body, options.capped(opts, rt.settings), idempotency_key)
     finally:
         body.path.unlink(missing_ok=True)
     return JSONResponse(JobView.of(job).model_dump(mode="json"), status_code=202,

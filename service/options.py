@@ -9,6 +9,7 @@ options (`source`, `register_as`), which the worker strips before pruning (`spli
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import fields
 from functools import cache
@@ -20,6 +21,7 @@ from graphprune import mlflow_io
 from graphprune.config import PruneConfig
 from graphprune.errors import GraphpruneError
 from service.problems import Problem
+from service.settings import ENV_PREFIX, Settings
 
 CONFIG_PARAM = "config"  # a JSON object of options; single options given beside it win
 # Options that name files on the machine that runs the job: a client must not point at the server's.
@@ -30,6 +32,7 @@ JOB_OPTIONS = frozenset({SOURCE, REGISTER_AS})  # job options that are not Prune
 # A job's recovery trains for at most this share of the job timeout, so it stops with a result (the best
 # checkpoint, or the one-shot model) instead of being killed at the timeout with none.
 RECOVER_SHARE = 0.5
+CAPS = {"max_model_bytes": "max_model_bytes", "samples": "max_samples", "latency_runs": "max_latency_runs"}
 MAX_JSON_CHARS, MAX_JSON_DEPTH = 1 << 16, 8  # client JSON (config, mapping options): size and nesting
 
 
@@ -74,18 +77,28 @@ def parse_json(pairs: Iterable[tuple[str, str]], text: bytes) -> dict[str, Any]:
     return validate({**config, **body, **query})
 
 
-def bounded(options: dict[str, Any], job_timeout_s: float) -> dict[str, Any]:
-    """The options a recovery job runs with: `recover_time` at most RECOVER_SHARE of the server's job
-    timeout, which is also its default; the job's options show the bound it runs under. Asking for
-    more is a 422 naming the cap: a client cannot lift a server-side limit."""
-    if options.get("recover", "none") == "none":
-        return options
-    cap = round(job_timeout_s * RECOVER_SHARE, 3)
-    asked = float(options.get("recover_time") or 0.0)
-    if asked > cap:
-        raise Problem(422, f"recover_time {asked:g} s is over this server's limit of {cap:g} s for recovery "
-                           f"({RECOVER_SHARE:g} of GRAPHPRUNE_JOB_TIMEOUT_S); ask for {cap:g} or less")
-    return {**options, "recover_time": asked if asked > 0 else cap}
+def capped(options: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The options a job runs with under the server's caps (`Settings.max_*`; recovery time at most
+    RECOVER_SHARE of the job timeout). Asking for more is a 422 naming the cap; an option left unset
+    gets the cap where the library's default is higher. The job's options show what it runs under."""
+    out, defaults = dict(options), PruneConfig()
+    caps = [(option, getattr(settings, setting), f"{ENV_PREFIX}{setting.upper()}") for option, setting in CAPS.items()]
+    if out.get("recover", "none") != "none":
+        caps.append(("recover_time", round(settings.job_timeout_s * RECOVER_SHARE, 3),
+                     f"{RECOVER_SHARE:g} of {ENV_PREFIX}JOB_TIMEOUT_S"))
+    for option, cap, source in caps:
+        asked = out.get(option)
+        if asked is not None and asked > cap:
+            raise Problem(422, f"{option} {asked:,} is over this server's limit of {cap:,} ({source}); "
+                               f"ask for {cap:,} or less")
+        unlimited = option == "recover_time" and not asked  # 0 (the default) means "no limit"
+        if unlimited or (asked is None and getattr(defaults, option) > cap):
+            out[option] = cap
+    for name, shape in out.get("input_shapes", {}).items():
+        if math.prod(shape) > settings.max_input_values:
+            raise Problem(422, f"input_shapes[{name!r}] = {shape} has {math.prod(shape):,} elements, over this "
+                               f"server's limit of {settings.max_input_values:,} ({ENV_PREFIX}MAX_INPUT_VALUES)")
+    return out
 
 
 def split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -37,15 +37,22 @@ class Settings:
     executor: str = "local"  # "ray": jobs run as Ray tasks on the cluster at RAY_ADDRESS (graphprune[ray])
     ray_job_cpus: float = 1.0  # CPUs Ray reserves per job (with job_memory_bytes as its memory request)
     worker_stage_delay_s: float = 0.0  # sleep after every stage: makes cancel/restart testable
+    # Caps on what one job may ask for (more is a 422 naming the cap; unasked, an option gets the
+    # library's default or the cap, whichever is lower): a client cannot lift a server-side limit.
+    max_model_bytes: int = 4 * 1024**3  # the load-time budget of declared tensor bytes (model bombs)
+    max_samples: int = 1024  # inputs for the OBS statistics
+    max_latency_runs: int = 50
+    max_input_values: int = 1 << 24  # elements of one input's concrete shape (input_shapes)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
         positive = ("max_upload_bytes", "max_concurrent_jobs", "queue_limit", "job_timeout_s", "max_attempts",
-                    "ray_job_cpus")
+                    "ray_job_cpus", "max_model_bytes", "max_samples", "max_input_values")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
-        for name in ("job_memory_bytes", "job_cpu_s", "result_ttl_s", "shutdown_grace_s", "worker_stage_delay_s"):
+        for name in ("job_memory_bytes", "job_cpu_s", "result_ttl_s", "shutdown_grace_s", "worker_stage_delay_s",
+                     "max_latency_runs"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{ENV_PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
 

@@ -17,6 +17,7 @@ from service_testing import DEMO, OCTET, asgi
 
 from graphprune.config import PruneConfig
 from graphprune.demo import demo_model
+from service import options
 from service.jobs import JobStore
 from service.settings import Settings
 
@@ -147,6 +148,21 @@ async def test_bad_options_are_422_before_upload(settings: Make, params: dict[st
     async with asgi(settings()) as api:
         _problem(await api.submit(**params), 422, *words)
         assert (await api.client.get("/v1/jobs")).json()["items"] == []
+
+
+async def test_clients_cannot_lift_the_servers_limits(settings: Make) -> None:
+    """max_model_bytes=1e15 used to switch the model-bomb budget off; samples and latency runs were unbounded."""
+    async with asgi(settings(max_samples=64, max_latency_runs=3)) as api:
+        for params, words in (({"max_model_bytes": 10**15}, ["max_model_bytes", "GRAPHPRUNE_MAX_MODEL_BYTES"]),
+                              ({"samples": 65}, ["samples 65", "limit of 64", "GRAPHPRUNE_MAX_SAMPLES"]),
+                              ({"latency_runs": 4}, ["latency_runs", "GRAPHPRUNE_MAX_LATENCY_RUNS"]),
+                              ({"input_shapes": json.dumps({"input": [1, 3, 4096, 4096]})},
+                               ["50,331,648 elements", "GRAPHPRUNE_MAX_INPUT_VALUES"])):
+            _problem(await api.submit(**params), 422, *words)
+        assert (await api.client.get("/v1/jobs")).json()["items"] == []
+    capped = settings(max_samples=64)
+    assert options.capped({"samples": 32}, capped)["samples"] == 32
+    assert options.capped({}, capped)["samples"] == 64  # unset: the cap, being under the default 128
 
 
 async def test_options_follow_prune_config(settings: Make) -> None:
