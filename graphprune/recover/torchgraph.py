@@ -4,8 +4,8 @@ Why its own thin interpreter and not a converter package: the view must map back
 exactly, and here that is free: every trainable parameter *is* one initializer, by name, so the trained
 values are written back into the same initializers of the same graph (`write_back`), with nothing
 matched by value. The converters that exist pull torchvision (which replaces the CPU torch build here)
-and rename weights into module trees. The view is checked against onnxruntime before it is trusted
-(`verify`).
+and rename weights into module trees. Recovery checks the view against onnxruntime before it trains
+it (`distill._verify`).
 """
 
 from __future__ import annotations
