@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 from onnx import NodeProto
 from threadpoolctl import threadpool_limits
 
+from graphprune import runtime
 from graphprune.compensate import LayerStatistics, augmented
 from graphprune.config import PruneConfig
 from graphprune.consumers import LinearView, linear_views
@@ -215,7 +216,7 @@ class ObsError(Criterion):
         self.info: dict[str, Any] = {}
 
     def prepare(self, ctx: ScoringContext) -> None:
-        with threadpool_limits(limits=1, user_api="blas"):
+        with threadpool_limits(limits=runtime.idle_cpus(), user_api="blas"):
             self.scores, self.info = _obs_scores(ctx)
 
     def describe(self) -> dict[str, Any]:

@@ -83,6 +83,14 @@ def test_session_with_in_memory_weights_equals_plain_session(ir_version: int) ->
     assert model.SerializeToString() == before  # the caller's model is never modified
 
 
+@pytest.mark.parametrize(("load", "want"), [(0.0, 2), (0.4, 2), (1.0, 1), (7.5, 1)])
+def test_blas_threads_are_the_idle_cores(monkeypatch: pytest.MonkeyPatch, load: float, want: int) -> None:
+    """OBS math uses the cores other processes leave free (OpenBLAS workers spin against busy ones)."""
+    monkeypatch.setattr(runtime, "cpus", lambda: 2)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (load, load, load))
+    assert runtime.idle_cpus() == want
+
+
 def test_check_catches_bad_weight_bytes_and_bad_graphs() -> None:
     """The checker sees the weightless view, so the byte counts of large weights are checked apart."""
     from graphprune.errors import ValidationFailedError

@@ -15,7 +15,6 @@ the one-shot model's, the one-shot weights are returned and the report says why.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,10 +74,6 @@ class _Score:
 def _sig(value: float) -> float:
     """Six significant digits: losses of well-matched models are tiny, rounding to places hides them."""
     return float(f"{value:.6g}")
-
-
-def cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def targets(model: ModelProto, outputs: dict[str, NDArray[Any]]) -> list[Target]:
@@ -153,7 +148,7 @@ def recover(dense: ModelProto, pruned: ModelProto, specs: list[InputSpec], cfg: 
     base = {"method": "distill", "steps_requested": cfg.steps_to_recover, "lr": cfg.recover_lr,
             "batch_requested": cfg.recover_batch, "temperature": cfg.recover_temperature}
     threads = torch.get_num_threads()
-    torch.set_num_threads(cpus())
+    torch.set_num_threads(runtime.cpus())
     try:
         return _recover(dense, pruned, specs, cfg, progress or (lambda f: None), base, t0)
     except Unsupported as exc:

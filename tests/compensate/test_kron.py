@@ -134,3 +134,22 @@ def test_obs_remove_reports_the_undamped_output_energy() -> None:
     w, h = _kron(7)
     res = obs_remove(w, h, _cols([2, 3], h.taps), damping=0.05)
     assert res.energy == pytest.approx(energy(w, h.full()), rel=1e-10)
+
+
+def test_exact_moments_are_the_same_however_the_rows_arrive() -> None:
+    """Rows gathered over many small batches (a batch-1 model's late layers) and flushed into one Gram
+    product give E[[x; 1][x; 1]ᵀ] of all rows, exactly as one batch holding them all."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((60, 5, 3, 3)) * 2 + 1).astype(np.float32)
+    view = LinearView("conv", "Conv", "x", 1, "w", "b", np.ones(5, dtype=bool), (1, 1), (1, 1), (0, 0, 0, 0),
+                      (1, 1))
+    whole, pieces = MomentSums([view], seed=0), MomentSums([view], seed=0)
+    whole.add({"x": x})
+    for i in range(0, len(x), 1):  # 9 rows per batch: hundreds of batches before a flush
+        pieces.add({"x": x[i:i + 1]})
+    rows = np.moveaxis(x, 1, -1).reshape(-1, 5).astype(np.float64)
+    rows = np.hstack([rows, np.ones((len(rows), 1))])
+    want = rows.T @ rows / len(rows)
+    for got in (whole.means()["conv"], pieces.means()["conv"]):
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
