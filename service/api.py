@@ -94,7 +94,7 @@ _ACCEPTED = {"description": "accepted; poll Location", "headers": {
 
 
 @jobs.post("", status_code=202, response_model=JobView,
-           responses={202: _ACCEPTED, **problems.responses(400, 409, 413, 415, 422, 424, 429)},
+           responses={202: _ACCEPTED, **problems.responses(400, 409, 413, 415, 422, 424, 429, 507)},
            openapi_extra={"parameters": options.openapi_parameters(), "requestBody": _BODY})
 async def submit(request: Request, rt: Rt,
                  idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
@@ -104,21 +104,22 @@ async def submit(request: Request, rt: Rt,
     Options are query parameters (or form fields, or a JSON `config`), checked before the body is read.
     424: the MLflow store could not be reached.
     """
-    rt.check_accepting()
-    query = list(request.query_params.multi_items())
-    opts = options.parse(query)
-    if upload.media_type(request) == upload.JSON_MEDIA:
-        opts = options.parse_json(query, await upload.receive_json(request))
-        body = await upload.fetch(opts[options.SOURCE], rt.artifacts.root, rt.artifacts.uploads,
-                                  rt.settings.max_upload_bytes)
-    else:
-        body = await upload.receive(request, rt.artifacts.uploads, rt.settings.max_upload_bytes)
-    try:
-        if body.fields:
-            opts = options.parse(query + body.fields)
-        job = rt.accept(body, options.capped(opts, rt.settings), idempotency_key)
-    finally:
-        body.path.unlink(missing_ok=True)
+    declared = request.headers.get("content-length", "")
+    with rt.admission(int(declared) if declared.isdigit() else 0):
+        query = list(request.query_params.multi_items())
+        opts = options.parse(query)
+        if upload.media_type(request) == upload.JSON_MEDIA:
+            opts = options.parse_json(query, await upload.receive_json(request))
+            body = await upload.fetch(opts[options.SOURCE], rt.artifacts.root, rt.artifacts.uploads,
+                                      rt.settings.max_upload_bytes)
+        else:
+            body = await upload.receive(request, rt.artifacts.uploads, rt.settings.max_upload_bytes)
+        try:
+            if body.fields:
+                opts = options.parse(query + body.fields)
+            job = rt.accept(body, options.capped(opts, rt.settings), idempotency_key)
+        finally:
+            body.path.unlink(missing_ok=True)
     return JSONResponse(JobView.of(job).model_dump(mode="json"), status_code=202,
                         headers={"Location": f"/v1/jobs/{job.id}", "Retry-After": POLL_AFTER_S})
 
@@ -196,10 +197,13 @@ def live() -> Health:
 @health.get("/readyz", response_model=Health, responses=problems.responses(503))
 @health.get("/v2/health/ready", response_model=Health, responses=problems.responses(503))
 def ready(rt: Rt) -> Health:
-    """The server accepts jobs: not shutting down, the store answers, the data directory is writable."""
+    """The server accepts jobs: not shutting down, the store answers, the data directory is writable
+    and has GRAPHPRUNE_MIN_FREE_BYTES free."""
     if rt.closing:
         raise Problem(503, "the server is shutting down")
     counts = rt.store.counts()
+    if (short := rt.disk_shortfall()) is not None:
+        raise Problem(503, short)
     probe = rt.artifacts.uploads / ".ready"
     try:
         probe.write_bytes(b"")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -17,6 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 CHUNK = 1 << 20
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is the disk (or the user's quota) running out: the server's condition, not the job's."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class Artifacts:

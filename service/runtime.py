@@ -12,12 +12,14 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from typing import IO
 
 from graphprune.errors import UsageError
-from service.artifacts import Artifacts
+from service.artifacts import Artifacts, disk_full
 from service.executors import Executor, make_executor
 from service.jobs import DuplicateKeyError, Job, JobStore, Status
 from service.metrics import Metrics
@@ -27,6 +29,7 @@ from service.upload import Upload
 
 log = logging.getLogger("graphprune.service")
 QUEUE_FULL_RETRY_S = 10
+DISK_FULL_RETRY_S = 60
 
 
 class Runtime:
@@ -34,6 +37,7 @@ class Runtime:
         self.settings = settings
         self.metrics = metrics
         self.closing = False
+        self._admitting = 0  # submissions past admission whose job is not in the store yet
         self._lock = lock
         self.store = JobStore(settings.db_path, settings.result_ttl_s)
         self.artifacts = Artifacts(settings.data_dir)
@@ -62,13 +66,41 @@ class Runtime:
         self.store.close()
         self._lock.close()
 
-    def check_accepting(self) -> None:
+    @contextlib.contextmanager
+    def admission(self, declared_bytes: int = 0) -> Iterator[None]:
+        """Hold a queue slot while a submission's body is read: queued jobs plus the submissions being
+        admitted stay within GRAPHPRUNE_QUEUE_LIMIT however many arrive at once (the check and the
+        reservation run on the event loop with no await between them, and one server owns the data
+        directory), and the disk keeps GRAPHPRUNE_MIN_FREE_BYTES free after the declared body."""
         if self.closing:
             raise Problem(503, "the server is shutting down; retry on its successor", headers={"Retry-After": "5"})
-        queued = self.store.counts()[Status.QUEUED]
+        queued = self.store.counts()[Status.QUEUED] + self._admitting
         if queued >= self.settings.queue_limit:
-            raise Problem(429, f"the queue is full ({queued} jobs waiting, GRAPHPRUNE_QUEUE_LIMIT); retry later",
-                          headers={"Retry-After": str(QUEUE_FULL_RETRY_S)})
+            raise Problem(429, f"the queue is full ({queued} jobs waiting or arriving, GRAPHPRUNE_QUEUE_LIMIT); "
+                               "retry later", headers={"Retry-After": str(QUEUE_FULL_RETRY_S)})
+        if (short := self.disk_shortfall(declared_bytes)) is not None:
+            raise Problem(507, short, headers={"Retry-After": str(DISK_FULL_RETRY_S)})
+        self._admitting += 1
+        try:
+            yield
+        except OSError as exc:
+            if disk_full(exc):
+                raise Problem(507, f"the server's disk filled up while storing the model ({exc.strerror}); "
+                                   "nothing was kept, retry later", headers={"Retry-After": str(DISK_FULL_RETRY_S)}
+                              ) from None
+            raise
+        finally:
+            self._admitting -= 1
+
+    def disk_shortfall(self, need: int = 0) -> str | None:
+        """Why the data directory cannot take `need` more bytes and keep its reserve, or None."""
+        free = shutil.disk_usage(self.settings.data_dir).free
+        keep = self.settings.min_free_bytes
+        if free - need >= keep:
+            return None
+        want = f"{need:,} bytes for this model and " if need else ""
+        return (f"the data directory's disk has {free:,} bytes free; the server needs {want}keeps "
+                f"{keep:,} free (GRAPHPRUNE_MIN_FREE_BYTES): retry later, or free space there")
 
     def accept(self, upload: Upload, options: dict[str, object], idempotency_key: str | None) -> Job:
         """Record a job for a stored upload; a replayed Idempotency-Key returns the first job."""

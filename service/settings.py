@@ -27,6 +27,7 @@ class Settings:
     max_upload_bytes: int = 2 * 1024**3  # protobuf cannot parse a larger single-file model anyway
     max_concurrent_jobs: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2))
     queue_limit: int = 100  # queued jobs beyond which submissions get 429
+    min_free_bytes: int = 256 * 1024**2  # disk the data directory keeps free: uploads past it get 507, /readyz 503
     job_timeout_s: float = 3600.0  # wall clock, from the worker's start
     job_memory_bytes: int = 16 * 1024**3  # RLIMIT_AS of a worker; 0 = unlimited
     job_cpu_s: int = 7200  # RLIMIT_CPU of a worker (all its threads); 0 = unlimited
@@ -51,8 +52,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
-        for name in ("job_memory_bytes", "job_cpu_s", "result_ttl_s", "shutdown_grace_s", "worker_stage_delay_s",
-                     "max_latency_runs"):
+        for name in ("min_free_bytes", "job_memory_bytes", "job_cpu_s", "result_ttl_s", "shutdown_grace_s",
+                     "worker_stage_delay_s", "max_latency_runs"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{ENV_PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
 

@@ -26,7 +26,7 @@ from onnx import ModelProto
 
 from graphprune import GraphpruneError, mlflow_io, prune
 from graphprune.api import Progress, PruneResult, Source
-from service.artifacts import Artifacts, atomic_write, file_digest
+from service.artifacts import Artifacts, atomic_write, disk_full, file_digest
 from service.jobs import JobError, JobStore, Status
 from service.options import REGISTER_AS, SOURCE, split
 from service.settings import Settings
@@ -118,6 +118,9 @@ def job_error(exc: Exception, out_of_memory: str | None) -> JobError:
         return JobError("MemoryLimit", out_of_memory)
     if isinstance(exc, GraphpruneError):
         return JobError(type(exc).__name__, str(exc), exc.exit_code)
+    if disk_full(exc):
+        return JobError("DiskFull", f"the server's disk filled up while the job wrote its files ({exc}); nothing "
+                                    "was kept: resubmit when space is freed (GRAPHPRUNE_MIN_FREE_BYTES)")
     traceback.print_exc(file=sys.stderr)
     return JobError("InternalError", f"{type(exc).__name__}: {exc}")
 

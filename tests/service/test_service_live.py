@@ -3,22 +3,29 @@ and the README's Service examples exactly as written (only the port differs)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import onnx
 import pytest
-from service_testing import DEMO, OCTET, live_server
+from service_testing import DEMO, FAST, OCTET, live_server
 
 from graphprune.cli import main
 from graphprune.client import Client, JobFailedError, ServiceError
+from service import upload
 from service.settings import Settings
+from service.worker import job_error
 
 Make = Callable[..., Settings]
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -118,3 +125,57 @@ def test_deeply_nested_json_is_a_422_not_a_500(settings: Make) -> None:
             assert response.headers["content-type"] == "application/problem+json"
             assert "nests deeper than 8 levels" in response.json()["detail"]
         assert http.get("/readyz").status_code == 200
+
+
+def _slow_body(pause_s: float) -> Iterator[bytes]:
+    """The demo model in two halves with a pause between: the request sits in its body meanwhile."""
+    yield DEMO[: len(DEMO) // 2]
+    time.sleep(pause_s)
+    yield DEMO[len(DEMO) // 2:]
+
+
+def test_queue_limit_holds_under_concurrent_uploads(settings: Make) -> None:
+    """The slot is taken before the body is read: 12 uploads arriving together against a limit of 3 used
+    to be 12 x 202 (each checked the queue before any of them had become a job)."""
+    with live_server(settings(queue_limit=3, max_concurrent_jobs=1, worker_stage_delay_s=1.0)) as url:
+        def post(_: int) -> httpx.Response:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                return http.post("/v1/jobs", params=FAST, content=_slow_body(1.5), headers=OCTET)
+
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(post, range(12)))
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [202] * 3 + [429] * 9, codes
+        refused = next(r for r in answers if r.status_code == 429)
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert "GRAPHPRUNE_QUEUE_LIMIT" in refused.json()["detail"] and refused.headers["Retry-After"]
+
+
+def test_a_full_disk_is_a_507_and_not_ready(settings: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below the free-space reserve: uploads get 507 and /readyz 503, both naming the setting; a disk that
+    fills up mid-upload (ENOSPC injected into the write) is a 507 that leaves no partial file."""
+    s = settings()
+    with live_server(replace(s, min_free_bytes=1 << 60)) as url, httpx.Client(base_url=url) as http:
+        full = http.post("/v1/jobs", params=FAST, content=DEMO, headers=OCTET)
+        assert full.status_code == 507 and full.headers["content-type"] == "application/problem+json"
+        assert "GRAPHPRUNE_MIN_FREE_BYTES" in full.json()["detail"] and full.headers["Retry-After"]
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and "GRAPHPRUNE_MIN_FREE_BYTES" in ready.json()["detail"]
+
+    def no_space(out: Any, digest: Any, chunk: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with live_server(s) as url, httpx.Client(base_url=url) as http:
+        monkeypatch.setattr(upload, "_write", no_space)
+        answer = http.post("/v1/jobs", params=FAST, content=DEMO, headers=OCTET)
+        assert answer.status_code == 507, answer.text
+        assert "disk filled up" in answer.json()["detail"]
+        assert not any((s.data_dir / "uploads").iterdir())
+        monkeypatch.undo()
+        assert http.get("/readyz").status_code == 200
+        assert http.post("/v1/jobs", params=FAST, content=DEMO, headers=OCTET).status_code == 202
+
+
+def test_a_job_that_fills_the_disk_fails_with_the_reason() -> None:
+    error = job_error(OSError(errno.ENOSPC, "No space left on device"), None)
+    assert error.kind == "DiskFull" and "GRAPHPRUNE_MIN_FREE_BYTES" in error.message
