@@ -67,10 +67,12 @@ def load_model(source: str | os.PathLike[str] | bytes | ModelProto, *, max_bytes
         model = _parse(_read_model_file(path, max_bytes), f"model file {str(path)!r}")
         base_dir = path.absolute().parent
     _check_structure(model)
+    _check_ops(model)
     _check_budget(model, max_bytes)
     if model is source:
         model = copy_proto(model)
     _load_external_data(model, base_dir)
+    _check_data_sizes(model)
     _check_generated_sizes(model, max_bytes)
     return model
 
@@ -176,6 +178,48 @@ def _check_structure(model: ModelProto) -> None:
     else:
         return
     raise InvalidModelError(f"the model {problem}; {REEXPORT}")
+
+
+def _check_ops(model: ModelProto) -> None:
+    """Refuse what no runtime here can run, before any work: an opset newer than this onnx knows, and
+    ops neither ONNX, onnxruntime nor a model-local function define. No custom-op library is ever
+    loaded, so such a model could be analysed but never validated or measured; prune used to fail
+    on it late, in onnxruntime, and inspect not at all."""
+    newest = onnx.defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in DEFAULT_DOMAINS and entry.version > newest:
+            raise InvalidModelError(
+                f"the model imports opset {entry.version} of the ONNX domain; this onnx ({onnx.__version__}) "
+                f"knows opsets up to {newest}: {REEXPORT} with an opset it knows (e.g. opset_version=17)")
+    local = {(f.domain, f.name) for f in model.functions}
+    for node in all_nodes(model):
+        key = (node.domain, node.op_type)
+        if key in local or (node.domain in DEFAULT_DOMAINS and onnx.defs.has(node.op_type)):
+            continue
+        if (node.domain or "", node.op_type) not in _runtime_ops():
+            where = f"domain {node.domain!r}" if node.domain not in DEFAULT_DOMAINS else "the ONNX domain"
+            raise InvalidModelError(
+                f"{node_label(node)}: op {node.op_type!r} of {where} is implemented neither by ONNX nor by "
+                "onnxruntime, and graphprune loads no custom-op libraries, so the model could not be validated "
+                "or measured. Replace it with standard ONNX ops (or a model-local function) and re-export")
+
+
+@cache
+def _runtime_ops() -> frozenset[tuple[str, str]]:
+    """(domain, op) of every operator onnxruntime registers (ONNX, ai.onnx.ml, com.microsoft, ...)."""
+    from onnxruntime.capi import _pybind_state
+
+    return frozenset((s.domain, s.name) for s in _pybind_state.get_all_operator_schema())
+
+
+def _check_data_sizes(model: ModelProto) -> None:
+    """Every tensor's bytes match its declared type and shape (onnxruntime refuses a model at the first
+    session otherwise, long after inspect has reported on it)."""
+    for label, tensor in dense_tensor_sites(model):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) != (need := tensor_nbytes(tensor, label)):
+            raise InvalidModelError(
+                f"{label} holds {len(tensor.raw_data):,} bytes of data, but its type and shape {list(tensor.dims)} "
+                f"need {need:,}: the file is corrupt or was cut; {REEXPORT}")
 
 
 # --------------------------------------------------------------------------- budget

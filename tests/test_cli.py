@@ -93,3 +93,31 @@ def test_demo_runs(tmp_path: Path) -> None:
     assert main(["demo", "--out", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "demo.pruned.onnx").is_file()
     assert json.loads((tmp_path / "d" / "report.json").read_text())["groups"]["pruned"] > 0
+
+
+def _broken(kind: str) -> onnx.ModelProto:
+    """The demo model made unloadable one way: what inspect used to analyse and prune refused late."""
+    model = demo_model()
+    if kind == "opset":
+        next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = 1000
+    elif kind == "short":
+        big = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+        big.raw_data = big.raw_data[: len(big.raw_data) // 2]
+    else:
+        node = model.graph.node[len(model.graph.node) // 2]
+        node.op_type, node.domain = "Mystery", "com.example"
+        model.opset_import.add(domain="com.example", version=1)
+    return model
+
+
+@pytest.mark.parametrize(("kind", "says"), [("opset", "opset 1000 of the ONNX domain"),
+                                            ("short", "the file is corrupt or was cut"),
+                                            ("custom", "'Mystery' of domain 'com.example'")])
+def test_inspect_refuses_what_prune_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str,
+                                            says: str) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_broken(kind).SerializeToString())
+    for argv in (["inspect", str(path)], ["prune", str(path), str(tmp_path / "out.onnx"), "--sparsity", "0.3"]):
+        assert main(argv) == 3, argv
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "out.onnx").exists()

@@ -7,12 +7,11 @@ from typing import TYPE_CHECKING
 
 from onnx import NodeProto
 
+from graphprune.protowalk import DEFAULT_DOMAINS
+
 if TYPE_CHECKING:
     from graphprune.depgraph import DependencyGraph
     from graphprune.surgery import SurgeryContext
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
-
 
 class Rule:
     """How one op family couples channels, rewrites its shape constants, and costs MACs.

@@ -8,17 +8,30 @@ from onnx import TensorProto, helper
 from rules.helpers import Net, arrays, group_of, kept, kinds, pruned, units
 
 import graphprune
+from graphprune.errors import InvalidModelError
 from graphprune.reasons import BlockKind
 
 
 def test_custom_domain_op_blocks_its_inputs() -> None:
-    n = Net(extra_opsets={"com.example": 1})
+    """An onnxruntime contrib op (com.microsoft) has no rule here: its inputs stay whole."""
+    n = Net(extra_opsets={"com.microsoft": 1})
     y = n.conv(n.input("x", [1, 3, 4, 4]), 3, 8, "p")
-    n.output(n.op("Mystery", [y], domain="com.example"), shape=[1, 8, 4, 4])
+    n.output(n.op("BiasGelu", [y, n.w("bias", [4])], domain="com.microsoft"), shape=[1, 8, 4, 4])
     an = graphprune.analyze(n.model())
     g = group_of(an, "p.w", 0)
     assert not g.prunable and kinds(g) == {BlockKind.CUSTOM_DOMAIN}
-    assert [r.op for r in g.reasons] == ["Mystery"]
+    assert [r.op for r in g.reasons] == ["BiasGelu"]
+
+
+def test_an_op_nothing_implements_is_refused_at_load_by_inspect_and_prune() -> None:
+    """No custom-op library is loaded, so such a model could never be validated: refused before analysis,
+    naming the node, op and domain (prune used to fail late in onnxruntime, inspect not at all)."""
+    n = Net(extra_opsets={"com.example": 1})
+    y = n.conv(n.input("x", [1, 3, 4, 4]), 3, 8, "p")
+    n.output(n.op("Mystery", [y], domain="com.example", name="m"), shape=[1, 8, 4, 4])
+    for run in (graphprune.analyze, lambda m: graphprune.prune(m, sparsity=0.3)):
+        with pytest.raises(InvalidModelError, match=r"'m'.*op 'Mystery' of domain 'com.example'.*standard ONNX ops"):
+            run(n.model())
 
 
 @pytest.mark.parametrize(("op", "gates"), [("LSTM", 4), ("GRU", 3), ("RNN", 1)])
