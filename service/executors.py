@@ -189,9 +189,13 @@ class LocalExecutor(PoolExecutor):
         if exitcode == -signal.SIGXCPU:
             return JobError("CpuLimit", f"the job used its {s.job_cpu_s} CPU seconds and was stopped; "
                                         "raise GRAPHPRUNE_JOB_CPU_S for larger models")
-        hint = f" (out of memory? {worker.memory_message(s.job_memory_bytes)})" if s.job_memory_bytes else ""
         if exitcode is not None and exitcode < 0:
-            return JobError("WorkerCrashed", f"the worker died from {signal.Signals(-exitcode).name}{hint}")
+            # the kernel's OOM killer sends SIGKILL, a failed native allocation ends in abort(): only
+            # those suggest memory (a segfault or a stray signal is not helped by more of it)
+            hint = (f" (out of memory? {worker.memory_message(s.job_memory_bytes)})"
+                    if s.job_memory_bytes and -exitcode in (signal.SIGKILL, signal.SIGABRT) else "")
+            return JobError("WorkerCrashed", f"the worker died from {signal.Signals(-exitcode).name}{hint}; the "
+                                             "server log has its output")
         return JobError("WorkerCrashed", f"the worker exited with status {exitcode} and no result; the server log "
-                                         f"has its output{hint}")
+                                         "has its output")
 

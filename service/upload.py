@@ -133,12 +133,13 @@ def _too_large(max_bytes: int) -> Problem:
                         "GRAPHPRUNE_MAX_UPLOAD_BYTES)")
 
 
-async def _limited(request: Request, max_bytes: int) -> AsyncGenerator[bytes, None]:
+async def _limited(request: Request, max_bytes: int, allowance: int = 0) -> AsyncGenerator[bytes, None]:
+    """The body in chunks, cut at `max_bytes` + `allowance` (a form's framing); the 413 names the cap."""
     total = 0
     try:
         async for chunk in request.stream():
             total += len(chunk)
-            if total > max_bytes:
+            if total > max_bytes + allowance:
                 raise _too_large(max_bytes)
             yield chunk
     except ClientDisconnect:
@@ -157,7 +158,7 @@ async def _raw(request: Request, path: Path, max_bytes: int) -> Upload:
 
 
 async def _multipart(request: Request, path: Path, max_bytes: int) -> Upload:
-    parser = MultiPartParser(request.headers, _limited(request, max_bytes + MULTIPART_OVERHEAD), max_files=1,
+    parser = MultiPartParser(request.headers, _limited(request, max_bytes, MULTIPART_OVERHEAD), max_files=1,
                              max_fields=100)
     try:
         form = await parser.parse()

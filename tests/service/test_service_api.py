@@ -126,6 +126,18 @@ async def test_oversize_chunked_and_multipart(settings: Make) -> None:
         _problem(await api.client.post("/v1/jobs", files={"weights": ("m.onnx", b"x")}), 422, "'model'")
         assert list(api.runtime.artifacts.uploads.iterdir()) == []
 
+        async def form() -> Any:  # a chunked multipart past the cap and its framing allowance
+            yield b'--b\r\nContent-Disposition: form-data; name="model"; filename="m.onnx"\r\n\r\n'
+            for _ in range(3):
+                yield b"\0" * (1 << 20)
+            yield b"\r\n--b--\r\n"
+
+        # the 413 names the configured cap, not the cap plus the multipart allowance
+        big = await api.client.post("/v1/jobs", content=form(),
+                                    headers={"Content-Type": "multipart/form-data; boundary=b"})
+        _problem(big, 413, f"({len(DEMO) - 1:,} bytes, GRAPHPRUNE_MAX_UPLOAD_BYTES)")
+        assert list(api.runtime.artifacts.uploads.iterdir()) == []
+
 
 @pytest.mark.parametrize(("params", "words"), [
     ({"sparsity": 1.5}, ["sparsity", "[0, 1)"]),

@@ -101,3 +101,22 @@ def _alive(pid: int) -> bool:
         return False
     # a zombie (dead, not yet reaped by init) counts as gone
     return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+
+
+@pytest.mark.parametrize(("exitcode", "memory"), [(-signal.SIGKILL, True), (-signal.SIGABRT, True),
+                                                  (-signal.SIGSEGV, False), (-signal.SIGTERM, False), (1, False)])
+def test_only_a_kill_or_abort_suggests_memory(tmp_path: Path, exitcode: int, memory: bool) -> None:
+    """The OOM killer's SIGKILL and a failed native allocation's abort() point at memory; a segfault or
+    an exit status does not (it used to say "out of memory?" for any dead worker)."""
+    from service.artifacts import Artifacts
+    from service.executors import LocalExecutor
+    from service.jobs import JobStore
+    from service.settings import Settings
+
+    settings = Settings(data_dir=tmp_path)
+    store = JobStore(settings.db_path, settings.result_ttl_s)
+    try:
+        error = LocalExecutor(settings, store, Artifacts(tmp_path), lambda job: None)._exit_error(exitcode, False)
+    finally:
+        store.close()
+    assert error.kind == "WorkerCrashed" and ("out of memory?" in error.message) == memory, error.message
