@@ -182,21 +182,27 @@ def _self_checked(an: Analysis, cfg: PruneConfig, plain: ModelProto, removed_roo
     _, feeds = input_batches(an.model, an.specs, cfg, "blobs", cfg.seed + 7919)
     checks = list(itertools.islice(feeds, SELF_CHECK_BATCHES))
     held_out = MomentSums([v for v, _ in comp.fits], cfg.seed + 7919)
-    dense = runtime.probe_session(an.model, held_out.names)
-    sess_plain, sess_comp = runtime.session(plain), runtime.session(compensated)
     outputs = [o.name for o in an.model.graph.output]
-    err_plain = err_comp = 0.0
+    dense = runtime.probe_session(an.model, held_out.names)
+    refs = []
     for batch in checks:
         acts = runtime.run(dense, batch, list(dict.fromkeys([*outputs, *held_out.names])))
         held_out.add(acts)
-        ref = {k: acts[k] for k in outputs}
-        err_plain += relative_error(ref, runtime.run(sess_plain, batch))
-        err_comp += relative_error(ref, runtime.run(sess_comp, batch))
+        refs.append({k: acts[k] for k in outputs})
+    del dense  # one session at a time (each holds a model's weights)
     measure_layers(an.graph, comp, held_out.means())
-    comp.self_check = {"relative_error_uncompensated": err_plain / len(checks),
-                       "relative_error_compensated": err_comp / len(checks)}
+    err_plain, err_comp = (_mean_error(m, checks, refs) for m in (plain, compensated))
+    comp.self_check = {"relative_error_uncompensated": err_plain, "relative_error_compensated": err_comp}
     comp.applied = err_comp <= err_plain
     return compensated if comp.applied else plain
+
+
+def _mean_error(model: ModelProto, feeds: list[dict[str, NDArray[Any]]],
+                refs: list[dict[str, NDArray[Any]]]) -> float:
+    """`model`'s mean relative output error against the dense outputs `refs`, in a session of its own."""
+    sess = runtime.session(model)
+    errors = [relative_error(ref, runtime.run(sess, batch)) for batch, ref in zip(feeds, refs, strict=True)]
+    return sum(errors) / len(errors)
 
 
 def _report(an: Analysis, cfg: PruneConfig, plan: PrunePlan, validation: dict[str, Any],

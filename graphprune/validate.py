@@ -112,6 +112,14 @@ def latency_ms(sess: ort.InferenceSession, feeds: dict[str, NDArray[Any]], runs:
     return statistics.median(times)
 
 
+def _outputs_and_latency(model: ModelProto, feeds: dict[str, NDArray[Any]],
+                         latency_runs: int) -> tuple[dict[str, NDArray[Any]], float | None]:
+    """One session, dropped before the next is made: onnxruntime holds (and pre-packs) a model's
+    weights per session, so validation keeps one model's worth in it at a time."""
+    sess = runtime.session(model)
+    return runtime.run(sess, feeds), latency_ms(sess, feeds, latency_runs)
+
+
 def validate(original: ModelProto, pruned: ModelProto, feeds: dict[str, NDArray[Any]], latency_runs: int,
              equivalence: tuple[ModelProto, ModelProto] | None = None) -> dict[str, Any]:
     """Run every check; raise ValidationFailedError on anything that makes the model unusable.
@@ -120,13 +128,11 @@ def validate(original: ModelProto, pruned: ModelProto, feeds: dict[str, NDArray[
     proves the coupling; compensation then changes the kept weights on purpose.
     """
     check(pruned)
-    orig_sess = runtime.session(original)
+    ref, before = _outputs_and_latency(original, feeds, latency_runs)
     try:
-        pruned_sess = runtime.session(pruned)
-        got = runtime.run(pruned_sess, feeds)
+        got, after = _outputs_and_latency(pruned, feeds, latency_runs)
     except InvalidModelError as exc:
         raise ValidationFailedError(f"the pruned model does not run in onnxruntime: {exc}") from exc
-    ref = runtime.run(orig_sess, feeds)
     for name, r in ref.items():
         if got[name].shape != r.shape:
             raise ValidationFailedError(f"output '{name}' changed shape {r.shape} -> {got[name].shape}")
@@ -134,10 +140,8 @@ def validate(original: ModelProto, pruned: ModelProto, feeds: dict[str, NDArray[
         "checker": "passed",
         "onnxruntime": "passed",
         "outputs": fidelity(ref, got),
-        "latency_ms": {"before": latency_ms(orig_sess, feeds, latency_runs),
-                       "after": latency_ms(pruned_sess, feeds, latency_runs)},
+        "latency_ms": {"before": before, "after": after},
     }
-    del orig_sess, pruned_sess  # one model's weights in onnxruntime at a time from here (peak memory)
     if equivalence is not None:
         reference, plain = equivalence
         masked = runtime.run(runtime.session(reference), feeds)

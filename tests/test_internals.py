@@ -91,6 +91,35 @@ def test_blas_threads_are_the_idle_cores(monkeypatch: pytest.MonkeyPatch, load: 
     assert runtime.idle_cpus() == want
 
 
+def test_prune_holds_one_onnxruntime_session_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each session holds (and pre-packs) a whole model's weights, so statistics, the compensation
+    self-check and validation open them one after another: peak memory then grows by one model, not
+    three (validation used to hold the original and the pruned model together, the self-check three)."""
+    import gc
+    import weakref
+
+    import graphprune
+    from graphprune.demo import demo_model
+
+    live: set[int] = set()
+    most = opened = 0
+    make = runtime.session
+
+    def counted(*args: object, **kwargs: object) -> ort.InferenceSession:
+        nonlocal most, opened
+        gc.collect()
+        sess = make(*args, **kwargs)  # type: ignore[arg-type]
+        opened += 1
+        live.add(id(sess))
+        weakref.finalize(sess, live.discard, id(sess))
+        most = max(most, len(live))
+        return sess
+
+    monkeypatch.setattr(runtime, "session", counted)
+    graphprune.prune(demo_model(), sparsity=0.4, latency_runs=2)
+    assert opened >= 5 and most == 1, (opened, most)
+
+
 def test_check_catches_bad_weight_bytes_and_bad_graphs() -> None:
     """The checker sees the weightless view, so the byte counts of large weights are checked apart."""
     from graphprune.errors import ValidationFailedError
