@@ -104,6 +104,7 @@ class RayExecutor(PoolExecutor):
         self._closing = False
         self._owns_ray = False
         self._remote: Any = None
+        self._reserved: tuple[float, int] = (settings.ray_job_cpus, settings.job_memory_bytes)
 
     async def start(self) -> None:
         ray = self._ray
@@ -116,12 +117,43 @@ class RayExecutor(PoolExecutor):
             self._owns_ray = True
         from ray.util.queue import Queue
 
-        memory = {"memory": self._settings.job_memory_bytes} if self._settings.job_memory_bytes else {}
-        self._remote = ray.remote(num_cpus=self._settings.ray_job_cpus, max_calls=1, max_retries=0,
-                                  **memory)(prune_task)
+        self._reserved = cpus, memory = self._reservation()
+        self._remote = ray.remote(num_cpus=cpus, max_calls=1, max_retries=0,
+                                  **({"memory": memory} if memory else {}))(prune_task)
         self._stages = Queue(actor_options={"num_cpus": 0})  # may live on a head without CPUs
         self._drainer = asyncio.create_task(self._drain(self._stages), name="graphprune-ray-progress")
         await super().start()
+
+    def _reservation(self) -> tuple[float, int]:
+        """CPUs and memory each task reserves: the settings, clamped to the largest live node. A request
+        no node can meet is never scheduled, and Ray does not say so: the default 16 GiB against a local
+        Ray's 15.9 GiB of `memory` on a 24 GiB machine left jobs at "starting" forever."""
+        s = self._settings
+        nodes = [n.get("Resources", {}) for n in self._ray.nodes() if n.get("Alive")]
+        cpus, memory = s.ray_job_cpus, s.job_memory_bytes
+        most_cpus = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
+        most_memory = int(max((r.get("memory", 0.0) for r in nodes), default=0.0))
+        if 0 < most_cpus < cpus:
+            log.warning("no Ray node has %s CPUs (GRAPHPRUNE_RAY_JOB_CPUS); jobs reserve %s", cpus, most_cpus)
+            cpus = most_cpus
+        if memory and 0 < most_memory < memory:
+            log.warning("no Ray node has %d bytes of memory (GRAPHPRUNE_JOB_MEMORY_BYTES); jobs reserve %d",
+                        memory, most_memory)
+            memory = most_memory
+        return cpus, memory
+
+    async def _started(self, job: Job, ref: ObjectRef[Any]) -> bool:
+        """Whether the task began (reported a stage, or ended) within GRAPHPRUNE_RAY_SCHEDULE_TIMEOUT_S."""
+        loop = asyncio.get_running_loop()
+        deadline, result = loop.time() + self._settings.ray_schedule_timeout_s, _watched(ref)
+        while loop.time() < deadline:
+            now = self._store.get(job.id)
+            if now is None or now.attempts != job.attempts or now.stage != "starting":
+                return True
+            done, _ = await asyncio.wait([result], timeout=0.5)
+            if done:
+                return True
+        return False
 
     async def shutdown(self, grace_s: float) -> None:
         await super().shutdown(grace_s)
@@ -149,7 +181,16 @@ class RayExecutor(PoolExecutor):
                                   self._stages)
         self._refs[job.id] = ref
         try:
-            outcome = await asyncio.wait_for(_abandonable(ref), s.job_timeout_s)
+            if not await self._started(job, ref):
+                self._kill(job.id)
+                await self._gone(ref)
+                outcome = JobError("Unschedulable", (
+                    f"Ray did not start the job within {s.ray_schedule_timeout_s:g} s "
+                    f"(GRAPHPRUNE_RAY_SCHEDULE_TIMEOUT_S): no node had {self._reserved[0]:g} CPUs and "
+                    f"{self._reserved[1]:,} bytes of memory free for it; resubmit later, add Ray nodes, or lower "
+                    "GRAPHPRUNE_RAY_JOB_CPUS / GRAPHPRUNE_JOB_MEMORY_BYTES"))
+            else:
+                outcome = await asyncio.wait_for(_abandonable(ref), s.job_timeout_s)
         except TimeoutError:
             self._kill(job.id)
             await self._gone(ref)
@@ -183,9 +224,14 @@ class RayExecutor(PoolExecutor):
             self._store.progress(job_id, attempt, stage, fraction)
 
 
+def _watched(ref: ObjectRef[T]) -> asyncio.Future[T]:
+    """`ref` as an asyncio future whose failure counts as seen (no "exception never retrieved")."""
+    future = asyncio.wrap_future(ref.future())
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
+
+
 def _abandonable(ref: ObjectRef[T]) -> asyncio.Future[T]:
     """An awaitable for `ref` that a timeout may give up on. Cancelling Ray's own future breaks Ray
     Client (its connection thread later fails to resolve it, InvalidStateError), so it is shielded."""
-    future = asyncio.wrap_future(ref.future())
-    future.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "exception never retrieved"
-    return asyncio.shield(future)
+    return asyncio.shield(_watched(ref))

@@ -37,6 +37,7 @@ class Settings:
     api_token: str | None = None  # when set, /v1 requires `Authorization: Bearer <token>`
     executor: str = "local"  # "ray": jobs run as Ray tasks on the cluster at RAY_ADDRESS (graphprune[ray])
     ray_job_cpus: float = 1.0  # CPUs Ray reserves per job (with job_memory_bytes as its memory request)
+    ray_schedule_timeout_s: float = 600.0  # a Ray task not started by then fails as Unschedulable
     worker_stage_delay_s: float = 0.0  # sleep after every stage: makes cancel/restart testable
     # Caps on what one job may ask for (more is a 422 naming the cap; unasked, an option gets the
     # library's default or the cap, whichever is lower): a client cannot lift a server-side limit.
@@ -48,7 +49,7 @@ class Settings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
         positive = ("max_upload_bytes", "max_concurrent_jobs", "queue_limit", "job_timeout_s", "max_attempts",
-                    "ray_job_cpus", "max_model_bytes", "max_samples", "max_input_values")
+                    "ray_job_cpus", "ray_schedule_timeout_s", "max_model_bytes", "max_samples", "max_input_values")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")

@@ -92,6 +92,23 @@ async def test_jobs_run_as_ray_tasks(ray_cluster: ModuleType, settings: Make) ->
         assert "GRAPHPRUNE_JOB_TIMEOUT_S" in job["error"]["message"]
     await _cpus_free(ray_cluster)
 
+    # a reservation no node can meet (1 TiB here; the 16 GiB default against a local Ray's 15.9 GiB on a
+    # 24 GiB machine) is clamped to the largest node: it used to stay "starting" forever
+    async with asgi(settings(**{**RAY, "job_memory_bytes": 2**40})) as api:
+        job = await api.wait((await api.job())["id"], timeout=120)
+        assert job["status"] == "succeeded", job["error"]
+    await _cpus_free(ray_cluster)
+
+    # a job Ray cannot start in time (both CPUs held by another job) fails with the reason
+    async with asgi(settings(**RAY, ray_job_cpus=2, worker_stage_delay_s=60, ray_schedule_timeout_s=15)) as api:
+        holder = await api.job()
+        await api.wait(holder["id"], lambda j: j["stage"] == "analyze")
+        waiting = await api.wait((await api.job())["id"], timeout=60)
+        assert waiting["status"] == "failed" and waiting["error"]["kind"] == "Unschedulable", waiting["error"]
+        assert "GRAPHPRUNE_RAY_SCHEDULE_TIMEOUT_S" in waiting["error"]["message"]
+        assert (await api.client.delete(f"/v1/jobs/{holder['id']}")).status_code == 200
+    await _cpus_free(ray_cluster)
+
 
 async def test_without_ray_startup_says_how_to_install_it(settings: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
