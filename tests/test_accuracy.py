@@ -80,7 +80,8 @@ def test_data_free_obs_beats_magnitude_at_half_flops(method: str) -> None:
 
 # Recovery (issue 11) at -50% FLOPs, the benchmark's own cells, as fractions of dense accuracy. Measured
 # when written (benchmarks/accuracy/RESULTS.md, ResNet / MobileNetV2 / ViT / MLP): with 256 unlabelled
-# training images .997 / .985 / .976 / 1.00 (mean .990), data-free .989 / .916 / .944 / .998 (mean .962).
+# training images .996 / .979 / .987 / 1.00 (mean .991, 2000 steps), data-free .989 / .912 / .944 / .998
+# (mean .961).
 # The floors leave room for run-to-run noise (about ±.01 per net).
 RECOVERED_FLOOR = {"recover_unlabelled": (0.95, 0.98), "recover": (0.85, 0.95)}  # (every net, mean)
 
