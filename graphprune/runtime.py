@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,15 +32,32 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def idle_cpus() -> int:
-    """Of those cores, how many other processes leave free now (by the 1-minute load average), for BLAS
-    threads: OpenBLAS workers busy-wait, and against a busy core they lose more than they add. ResNet-50
-    with default OBS, 2 cores: idle, 28 s with 2 threads vs 32 s with 1; one core busy, 57 s vs 36 s."""
+def idle_cpus(window_s: float = 0.1) -> int:
+    """Of those cores, how many other processes leave free now, for BLAS threads: OpenBLAS workers
+    busy-wait, and against a busy core they lose more than they add. ResNet-50 with default OBS on 2
+    cores: idle, 28 s with 2 threads vs 32 s with 1; one core busy, 57 s vs 36 s. Measured over
+    `window_s` from /proc/stat less this process's own CPU time (the load average counts this process
+    too, and lags a minute); without /proc, from the load average."""
     try:
-        load = os.getloadavg()[0]
+        busy0, self0 = _busy_seconds(), _own_seconds()
+        time.sleep(window_s)
+        others = (_busy_seconds() - busy0 - (_own_seconds() - self0)) / window_s
     except OSError:
-        return 1
-    return max(1, min(cpus(), round(cpus() - load)))
+        others = os.getloadavg()[0] if hasattr(os, "getloadavg") else float(cpus())
+    return max(1, min(cpus(), round(cpus() - others)))
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has spent on anything but idling, from /proc/stat's first line."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def session(model: ModelProto, threads: int | None = None, extra_outputs: Sequence[str] = (),
