@@ -198,10 +198,15 @@ def live() -> Health:
 @health.get("/v2/health/ready", response_model=Health, responses=problems.responses(503))
 def ready(rt: Rt) -> Health:
     """The server accepts jobs: not shutting down, the store answers, the data directory is writable
-    and has GRAPHPRUNE_MIN_FREE_BYTES free."""
+    and has GRAPHPRUNE_MIN_FREE_BYTES free, and the executor can run jobs."""
     if rt.closing:
         raise Problem(503, "the server is shutting down")
-    counts = rt.store.counts()
+    try:
+        counts = rt.store.counts()
+    except Exception as exc:  # sqlite3.Error, OSError: a locked, corrupt or vanished database
+        raise Problem(503, f"the job store does not answer: {type(exc).__name__}: {exc}") from None
+    if (why := rt.executor.unavailable()) is not None:
+        raise Problem(503, why)
     if (short := rt.disk_shortfall()) is not None:
         raise Problem(503, short)
     probe = rt.artifacts.uploads / ".ready"

@@ -40,6 +40,10 @@ class Executor(Protocol):
         """Jobs running now (for readiness and metrics)."""
         ...
 
+    def unavailable(self) -> str | None:
+        """Why jobs cannot run now (for /readyz), or None."""
+        ...
+
 
 Finished = Callable[[Job], None]
 
@@ -77,6 +81,11 @@ class PoolExecutor:
     @property
     def running(self) -> int:
         return len(self._tasks)
+
+    def unavailable(self) -> str | None:
+        if self._dispatcher is not None and self._dispatcher.done():
+            return "the job dispatcher has stopped; see the server log"
+        return None
 
     async def start(self) -> None:
         self._dispatcher = asyncio.create_task(self._dispatch(), name="graphprune-dispatcher")

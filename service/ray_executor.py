@@ -124,6 +124,16 @@ class RayExecutor(PoolExecutor):
         self._drainer = asyncio.create_task(self._drain(self._stages), name="graphprune-ray-progress")
         await super().start()
 
+    def unavailable(self) -> str | None:
+        """The dispatcher's health, then whether the cluster answers and has a live node with CPUs."""
+        if (problem := super().unavailable()) is not None:
+            return problem
+        try:
+            cpus = self._ray.cluster_resources().get("CPU", 0.0)
+        except Exception as exc:  # Ray Client raises ConnectionError and others when the head is gone
+            return f"the Ray cluster does not answer (RAY_ADDRESS): {type(exc).__name__}: {exc}"
+        return None if cpus > 0 else "the Ray cluster has no live node with CPUs"
+
     def _reservation(self) -> tuple[float, int]:
         """CPUs and memory each task reserves: the settings, clamped to the largest live node. A request
         no node can meet is never scheduled, and Ray does not say so: the default 16 GiB against a local

@@ -50,7 +50,7 @@ async def _cpus_free(ray: ModuleType, want: float = 2.0, timeout: float = 60.0) 
 
 
 @pytest.mark.slow
-async def test_jobs_run_as_ray_tasks(ray_cluster: ModuleType, settings: Make) -> None:
+async def test_jobs_run_as_ray_tasks(ray_cluster: ModuleType, settings: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     async with asgi(settings(**RAY)) as api:  # a real job end to end, and a library error
         done, impossible = await asyncio.gather(
             api.wait((await api.job(sparsity=0.4))["id"]),
@@ -66,6 +66,15 @@ async def test_jobs_run_as_ray_tasks(ray_cluster: ModuleType, settings: Make) ->
         assert impossible["status"] == "failed", impossible
         assert (impossible["error"]["kind"], impossible["error"]["exit_code"]) == ("TargetImpossibleError", 4)
         assert not api.runtime.artifacts.input(done["id"]).exists()
+        assert (await api.client.get("/readyz")).status_code == 200
+
+        def gone() -> None:
+            raise ConnectionError("lost the head node")
+
+        monkeypatch.setattr(ray_cluster, "cluster_resources", gone)  # /readyz sees the cluster go
+        unready = await api.client.get("/readyz")
+        assert unready.status_code == 503 and "Ray cluster does not answer" in unready.json()["detail"]
+        monkeypatch.undo()
 
     slow = settings(**RAY, worker_stage_delay_s=60)
     async with asgi(slow) as api:  # progress, cancel; then a running job at shutdown goes back to the queue

@@ -335,3 +335,24 @@ async def test_operations_endpoints(settings: Make) -> None:
         _problem(await api.client.get("/v1/nothing-here"), 404)
         _problem(await api.client.put("/v1/jobs"), 405)
         _problem(await api.client.get("/v1/jobs", params={"limit": 0}), 422, "limit")
+
+
+async def test_readiness_says_when_jobs_cannot_run(settings: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/readyz is 503 with the reason when the job store does not answer or the dispatcher has stopped
+    (it used to check only the data directory, and a broken store answered 500)."""
+    import sqlite3
+
+    async with asgi(settings()) as api:
+        rt = api.runtime
+
+        def broken() -> None:
+            raise sqlite3.OperationalError("database disk image is malformed")
+
+        monkeypatch.setattr(rt.store, "counts", broken)
+        _problem(await api.client.get("/readyz"), 503, "job store does not answer", "malformed")
+        monkeypatch.undo()
+        assert (await api.client.get("/readyz")).status_code == 200
+        dispatcher = rt.executor._dispatcher  # type: ignore[attr-defined]
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+        _problem(await api.client.get("/readyz"), 503, "dispatcher has stopped")
