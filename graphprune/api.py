@@ -145,7 +145,7 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     if cfg.validate:
         reference = masked_reference(an.graph, plan.removed_root, tensor_dtypes(an.model))
         validation = validate(an.model, pruned, _validation_feeds(an, cfg), cfg.latency_runs,
-                              equivalence=(reference, plain))
+                              equivalence=(reference, plain), arrays=an.graph.known_const)
         lap("validate", 1.0)
     report = _report(an, cfg, plan, validation, timings)
     report.compensation = comp.to_dict()
@@ -183,7 +183,7 @@ def _self_checked(an: Analysis, cfg: PruneConfig, plain: ModelProto, removed_roo
     checks = list(itertools.islice(feeds, SELF_CHECK_BATCHES))
     held_out = MomentSums([v for v, _ in comp.fits], cfg.seed + 7919)
     outputs = [o.name for o in an.model.graph.output]
-    dense = runtime.probe_session(an.model, held_out.names)
+    dense = runtime.probe_session(an.model, held_out.names, an.graph.known_const)
     refs = []
     for batch in checks:
         acts = runtime.run(dense, batch, list(dict.fromkeys([*outputs, *held_out.names])))
@@ -200,7 +200,7 @@ def _self_checked(an: Analysis, cfg: PruneConfig, plain: ModelProto, removed_roo
 def _mean_error(model: ModelProto, feeds: list[dict[str, NDArray[Any]]],
                 refs: list[dict[str, NDArray[Any]]]) -> float:
     """`model`'s mean relative output error against the dense outputs `refs`, in a session of its own."""
-    sess = runtime.session(model)
+    sess = runtime.session(model, timed=False)
     errors = [relative_error(ref, runtime.run(sess, batch)) for batch, ref in zip(feeds, refs, strict=True)]
     return sum(errors) / len(errors)
 

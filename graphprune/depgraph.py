@@ -147,6 +147,11 @@ class DependencyGraph:
             self._const_cache[name] = numpy_helper.to_array(self.initializers[name])
         return self._const_cache[name]
 
+    def known_const(self, name: str) -> NDArray[Any] | None:
+        """`const(name)` for an initializer of this model, else None: what onnxruntime sessions over the
+        model share instead of copying every weight again (`runtime.session(arrays=...)`)."""
+        return self.const(name) if name in self.initializers else None
+
     def tracked(self, name: str) -> dict[int, Labels]:
         return self.dims.get(name, {})
 

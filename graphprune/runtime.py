@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,11 +15,13 @@ from onnx import ModelProto, TensorProto
 
 from graphprune.errors import InvalidModelError
 from graphprune.model import without_initializers
+from graphprune.tensors import tensor_nbytes
 
 # onnx 1.23 writes IR 14 by default and onnxruntime 1.31 reads less; graphprune keeps the user's IR
 # version in what it writes and only lowers it in the private copy it runs.
 RUNTIME_IR_VERSION = 10
 _IN_MEMORY_BYTES = 4096  # smaller initializers stay in the serialized skeleton
+Arrays = Callable[[str], NDArray[Any] | None]  # an initializer's value already in memory, or None
 _RAW_DTYPES = {t: np.dtype(d) for t, d in (
     (TensorProto.FLOAT, "<f4"), (TensorProto.DOUBLE, "<f8"), (TensorProto.FLOAT16, "<f2"),
     (TensorProto.INT8, "i1"), (TensorProto.UINT8, "u1"), (TensorProto.INT16, "<i2"), (TensorProto.UINT16, "<u2"),
@@ -61,10 +63,15 @@ def _own_seconds() -> float:
 
 
 def session(model: ModelProto, threads: int | None = None, extra_outputs: Sequence[str] = (),
-            spinning: bool = True) -> ort.InferenceSession:
+            spinning: bool = True, timed: bool = True, weights: ModelProto | None = None,
+            arrays: Arrays | None = None) -> ort.InferenceSession:
     """A session over `model`, optionally returning the intermediate tensors `extra_outputs` too.
     `spinning=False` where numpy works between runs: idle onnxruntime workers would busy-wait on the
-    cores it needs.
+    cores it needs. `timed=False` for a session run a few times only: without weight pre-packing
+    onnxruntime reads the weights in place instead of keeping a packed copy of each (a model's size
+    less in memory, and faster to open). `weights`: a model whose initializers `model` also reads
+    (the masked reference runs on the original's weights without a copy of them). `arrays`: initializer
+    values already in memory (`DependencyGraph.known_const`), used instead of a fresh copy.
 
     The weights reach onnxruntime as in-memory external initializers and only a weightless skeleton
     is serialized: serializing a ResNet-50 and parsing it back cost ~0.35 s per session (measured),
@@ -75,9 +82,11 @@ def session(model: ModelProto, threads: int | None = None, extra_outputs: Sequen
     opts.inter_op_num_threads = 1
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not timed:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    skeleton, names, values = _skeleton(model)
+    skeleton, names, values = _skeleton(model, weights, arrays)
     skeleton.ir_version = min(model.ir_version, RUNTIME_IR_VERSION)
     known = {o.name for o in skeleton.graph.output}
     for name in dict.fromkeys(extra_outputs):
@@ -93,27 +102,33 @@ def session(model: ModelProto, threads: int | None = None, extra_outputs: Sequen
     return sess
 
 
-def probe_session(model: ModelProto, names: list[str]) -> ort.InferenceSession:
+def probe_session(model: ModelProto, names: list[str], arrays: Arrays | None = None) -> ort.InferenceSession:
     """A session that also returns the intermediate tensors `names` (the model is untouched), for
     statistics: numpy consumes them between runs, so the workers do not spin."""
-    return session(model, extra_outputs=names, spinning=False)
+    return session(model, extra_outputs=names, spinning=False, arrays=arrays)
 
 
-def _skeleton(model: ModelProto) -> tuple[ModelProto, list[str], list[ort.OrtValue]]:
-    """`model` with its large top-level initializers replaced by external-data stubs, and their values."""
+def _skeleton(model: ModelProto, weights: ModelProto | None = None,
+              arrays: Arrays | None = None) -> tuple[ModelProto, list[str], list[ort.OrtValue]]:
+    """`model` (plus the initializers of `weights`) with the large top-level initializers replaced by
+    external-data stubs, and their values: from `arrays` where it has them (values already in memory,
+    shared), else read from the proto (every read of `raw_data` is a copy, so it is read once)."""
     skeleton = without_initializers(model)
     names: list[str] = []
     values: list[ort.OrtValue] = []
-    for init in model.graph.initializer:
+    for init in [*model.graph.initializer, *(weights.graph.initializer if weights is not None else [])]:
         dtype = _RAW_DTYPES.get(init.data_type)
-        if dtype is None or len(init.raw_data) < _IN_MEMORY_BYTES or init.data_location == TensorProto.EXTERNAL:
+        if (dtype is None or not init.HasField("raw_data") or init.data_location == TensorProto.EXTERNAL
+                or tensor_nbytes(init) < _IN_MEMORY_BYTES):
             skeleton.graph.initializer.append(init)
             continue
         stub = skeleton.graph.initializer.add()
         stub.name, stub.data_type, stub.data_location = init.name, init.data_type, TensorProto.EXTERNAL
         stub.dims.extend(init.dims)
         stub.external_data.add(key="location", value="graphprune-in-memory")
-        array = np.frombuffer(init.raw_data, dtype=dtype).reshape(tuple(init.dims))
+        shared = arrays(init.name) if arrays is not None else None
+        array = (np.ascontiguousarray(shared, dtype=dtype) if shared is not None
+                 else np.frombuffer(init.raw_data, dtype=dtype).reshape(tuple(init.dims)))
         names.append(init.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(array))
     return skeleton, names, values

@@ -101,9 +101,10 @@ def _write_consts(source: ModelProto, model: ModelProto, sx: SurgeryContext) -> 
 
 def masked_reference(graph: DependencyGraph, removed_root: NDArray[np.bool_],
                      dtypes: dict[str, int]) -> ModelProto:
-    """The original model with each consumer's inputs multiplied by a 0/1 mask of kept channels."""
-    model = ModelProto()
-    model.CopyFrom(graph.model)
+    """The original model with each consumer's inputs multiplied by a 0/1 mask of kept channels, and
+    without the original's weights: it runs on them with `runtime.session(..., weights=original)`,
+    so validation does not hold a second copy of every weight."""
+    model = without_initializers(graph.model)
     sx = SurgeryContext(graph, removed_root)
     nodes = {(n.name or n.output[0]): n for n in model.graph.node}
     new_nodes: dict[str, list[Any]] = {}

@@ -112,23 +112,26 @@ def latency_ms(sess: ort.InferenceSession, feeds: dict[str, NDArray[Any]], runs:
     return statistics.median(times)
 
 
-def _outputs_and_latency(model: ModelProto, feeds: dict[str, NDArray[Any]],
-                         latency_runs: int) -> tuple[dict[str, NDArray[Any]], float | None]:
+def _outputs_and_latency(model: ModelProto, feeds: dict[str, NDArray[Any]], latency_runs: int,
+                         arrays: runtime.Arrays | None = None) -> tuple[dict[str, NDArray[Any]], float | None]:
     """One session, dropped before the next is made: onnxruntime holds (and pre-packs) a model's
     weights per session, so validation keeps one model's worth in it at a time."""
-    sess = runtime.session(model)
+    sess = runtime.session(model, timed=latency_runs > 0, arrays=arrays)
     return runtime.run(sess, feeds), latency_ms(sess, feeds, latency_runs)
 
 
 def validate(original: ModelProto, pruned: ModelProto, feeds: dict[str, NDArray[Any]], latency_runs: int,
-             equivalence: tuple[ModelProto, ModelProto] | None = None) -> dict[str, Any]:
+             equivalence: tuple[ModelProto, ModelProto] | None = None,
+             arrays: runtime.Arrays | None = None) -> dict[str, Any]:
     """Run every check; raise ValidationFailedError on anything that makes the model unusable.
 
     `equivalence` = (masked original, uncompensated pruned model): they must agree exactly, which
-    proves the coupling; compensation then changes the kept weights on purpose.
+    proves the coupling; compensation then changes the kept weights on purpose. The masked original
+    holds only the masks: it runs on `original`'s weights (`surgery.masked_reference`). `arrays`: the
+    original's weights already in memory (`DependencyGraph.known_const`), shared by its sessions.
     """
     check(pruned)
-    ref, before = _outputs_and_latency(original, feeds, latency_runs)
+    ref, before = _outputs_and_latency(original, feeds, latency_runs, arrays)
     try:
         got, after = _outputs_and_latency(pruned, feeds, latency_runs)
     except InvalidModelError as exc:
@@ -144,8 +147,9 @@ def validate(original: ModelProto, pruned: ModelProto, feeds: dict[str, NDArray[
     }
     if equivalence is not None:
         reference, plain = equivalence
-        masked = runtime.run(runtime.session(reference), feeds)
-        ok, worst = equivalent(masked, got if plain is pruned else runtime.run(runtime.session(plain), feeds))
+        masked = runtime.run(runtime.session(reference, timed=False, weights=original, arrays=arrays), feeds)
+        ok, worst = equivalent(masked, got if plain is pruned else runtime.run(runtime.session(plain, timed=False),
+                                                                                feeds))
         result["equivalence"] = {"passed": ok, "max_rel_err": worst}
         if not ok:
             raise ValidationFailedError(
