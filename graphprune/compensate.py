@@ -12,13 +12,14 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 from onnx import ModelProto
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from graphprune import runtime
 from graphprune.config import PruneConfig
@@ -33,6 +34,7 @@ MAX_ROWS_PER_BATCH = 1024  # rows sampled per consumer per batch: the d² accumu
 FLUSH_ROWS = 1024  # rows gathered per consumer before one Gram product (see MomentSums)
 TAP_ROWS_PER_BATCH = 256  # patches per batch for a factored H's k×k tap moments (only error estimates use them)
 BATCH = 16
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,6 +94,7 @@ class MomentSums:
         self.sums: dict[str, NDArray[np.float64]] = {}
         self.tap_sums: dict[str, NDArray[np.float64]] = {}
         self.pending: dict[str, list[NDArray[np.float32]]] = {v.node: [] for v in views}
+        self.threads, self.blas = runtime.idle_cpus(), ThreadpoolController()  # the controller scans libraries once
         self.count = dict.fromkeys(self.rngs, 0)
 
     @property
@@ -122,7 +125,8 @@ class MomentSums:
         if node not in self.sums:
             self.sums[node] = np.zeros((d + 1, d + 1))
         total = self.sums[node]
-        total[:d, :d] += rows.T @ rows
+        with self.blas.limit(limits=self.threads, user_api="blas"):  # syrk: the same bits on any count
+            total[:d, :d] += rows.T @ rows
         col = rows.sum(axis=0, dtype=np.float64)
         total[:d, d] += col
         total[d, :d] += col
@@ -133,11 +137,12 @@ class MomentSums:
         cov, pairs = tap_coverage(x.shape[2:], v.kernel, v.strides, v.pads, v.dilations)
         c = x.shape[1]
         pixels = np.moveaxis(x, 1, -1).reshape(-1, c)  # [N·P, C]
-        weights = np.tile(cov.reshape(-1), x.shape[0])
-        weighted = pixels * weights[:, None]
+        root = np.sqrt(np.tile(cov.reshape(-1), x.shape[0]))[:, None]  # coverage counts are >= 0
+        scaled = pixels * root
         a = np.empty((c + 1, c + 1))
-        a[:c, :c] = weighted.T @ pixels
-        a[:c, c] = a[c, :c] = weighted.sum(axis=0, dtype=np.float64)
+        with self.blas.limit(limits=self.threads, user_api="blas"):  # Σ w·x xᵀ as a syrk, like _flush
+            a[:c, :c] = scaled.T @ scaled
+        a[:c, c] = a[c, :c] = (scaled * root).sum(axis=0, dtype=np.float64)
         a[c, c] = x.shape[0] * pairs
         patches = v.columns(x, TAP_ROWS_PER_BATCH, self.rngs[v.node], taps_first=True)  # [rows, k, C]
         flat = np.ascontiguousarray(patches.transpose(1, 0, 2)).reshape(v.block, -1)  # [k, rows·C]
@@ -165,12 +170,13 @@ class MomentSums:
 
 
 def layer_moments(model: ModelProto, views: list[LinearView], feeds: Iterable[dict[str, NDArray[Any]]],
-                  seed: int, samples: int = 0, progress: Callable[[float], None] | None = None) -> dict[str, Moments]:
+                  seed: int, samples: int = 0, progress: Callable[[float], None] | None = None,
+                  arrays: runtime.Arrays | None = None) -> dict[str, Moments]:
     """E[[x; 1][x; 1]ᵀ] over each view's input columns: one onnxruntime pass, streamed batch by batch.
     (Running onnxruntime a batch ahead on a thread saved no wall time on ResNet-50 on 2 cores and
     cost 9 CPU-s more, measured: its intra-op threads already fill the second core.)"""
     acc = MomentSums(views, seed)
-    sess = runtime.probe_session(model, acc.names)
+    sess = runtime.probe_session(model, acc.names, arrays)
     done = 0
     for batch in feeds:
         acc.add(runtime.run(sess, batch, acc.names))
@@ -202,7 +208,7 @@ class LayerStatistics:
         elif missing:
             self.source, feeds = input_batches(self.graph.model, self.specs, self.cfg, self.kind, self.cfg.seed + 1)
             self._cache.update(layer_moments(self.graph.model, missing, feeds, self.cfg.seed, self.cfg.samples,
-                                             self.progress))
+                                             self.progress, self.graph.known_const))
             self.passes += 1
         return {v.node: self._cache[v.node] for v in views}
 
@@ -210,10 +216,26 @@ class LayerStatistics:
 def compensate(graph: DependencyGraph, removed_elem: NDArray[np.bool_], specs: list[InputSpec],
                cfg: PruneConfig, kind: str = "mixed", statistics: LayerStatistics | None = None) -> Compensation:
     """OBS-corrected weights (and biases) for every consumer that loses input channels, on the
-    moments `statistics` holds already (or computes now), with as many BLAS threads as there are
-    idle cores (`runtime.idle_cpus`)."""
-    with threadpool_limits(limits=runtime.idle_cpus(), user_api="blas"):
+    moments `statistics` holds already (or computes now).
+
+    BLAS runs single-threaded here: multi-threaded OpenBLAS gives other bits in dgemm, inverses and
+    solves (so the same prune would differ with the machine's load), and against a busy core its
+    spinning workers lose more than they add (ResNet-50 OBS with one core busy elsewhere: 57 s with 2
+    threads, 36 s with 1). Only the statistics' Gram products (syrk, the same bits on any thread
+    count) use the idle cores (`MomentSums._flush`)."""
+    with threadpool_limits(limits=1, user_api="blas"):
         return _compensate(graph, removed_elem, statistics or LayerStatistics(graph, specs, cfg, kind), cfg)
+
+
+def per_layer(fn: Callable[[LinearView], T], views: list[LinearView]) -> list[T]:
+    """`fn` on every view, in order, on as many threads as there are idle cores: each layer's algebra
+    is single-threaded BLAS (the same bits on any machine load), and numpy releases the GIL inside it,
+    so layers run side by side instead."""
+    workers = min(runtime.idle_cpus(), len(views))
+    if workers <= 1:
+        return [fn(v) for v in views]
+    with ThreadPoolExecutor(workers, thread_name_prefix="graphprune-obs") as pool:
+        return list(pool.map(fn, views))
 
 
 def _compensate(graph: DependencyGraph, removed_elem: NDArray[np.bool_], statistics: LayerStatistics,
@@ -224,8 +246,10 @@ def _compensate(graph: DependencyGraph, removed_elem: NDArray[np.bool_], statist
         return Compensation()
     stats = statistics.get(views)
     comp = Compensation(source=statistics.source)
-    for v in views:
-        _compensate_layer(graph, v, stats[v.node], cfg.damping, comp)
+    for fitted in per_layer(lambda v: _compensate_layer(graph, v, stats[v.node], cfg.damping), views):
+        comp.overrides.update(fitted.overrides)
+        comp.fits.append(fitted.fit)
+        comp.layers.append(fitted.layer)
     comp.seconds = time.perf_counter() - start
     return comp
 
@@ -252,8 +276,14 @@ def _restricted(h: Moments, columns: NDArray[np.int64]) -> Moments:
     return h.sub(h.channels(columns)) if isinstance(h, Kron) else h[np.ix_(columns, columns)]
 
 
-def _compensate_layer(graph: DependencyGraph, v: LinearView, h: Moments, damping: float,
-                      comp: Compensation) -> None:
+@dataclass
+class _Fitted:
+    overrides: dict[str, NDArray[Any]]
+    fit: tuple[LinearView, NDArray[np.float64]]
+    layer: dict[str, Any]
+
+
+def _compensate_layer(graph: DependencyGraph, v: LinearView, h: Moments, damping: float) -> _Fitted:
     w = graph.const(v.weight)
     aug, h = augmented(graph, v, h)
     remove = v.removed_columns()
@@ -262,16 +292,15 @@ def _compensate_layer(graph: DependencyGraph, v: LinearView, h: Moments, damping
     full = np.zeros_like(aug)
     full[:, kept] = res.weights
     columns = v.matrix(w).shape[1]
-    comp.overrides[v.weight] = v.unmatrix(full[:, :columns], w)
+    overrides = {v.weight: v.unmatrix(full[:, :columns], w)}
     if v.bias:
         bias = graph.const(v.bias)
         # the constant's column, or under a factored H the sum of the constant channel's tap columns
-        comp.overrides[v.bias] = full[:, columns:].sum(axis=1).astype(bias.dtype).reshape(bias.shape)
+        overrides[v.bias] = full[:, columns:].sum(axis=1).astype(bias.dtype).reshape(bias.shape)
     kron = isinstance(h, Kron)
-    comp.fits.append((replace(v, kron=kron), full))
-    comp.layers.append({"node": v.node, "op": v.op, "removed_inputs": int((~v.keep).sum()),
-                        "inputs": int(v.keep.size), "hessian": "kron" if kron else "exact",
-                        "predicted_rel_error": res.error / (res.energy or 1.0)})
+    return _Fitted(overrides, (replace(v, kron=kron), full),
+                   {"node": v.node, "op": v.op, "removed_inputs": int((~v.keep).sum()), "inputs": int(v.keep.size),
+                    "hessian": "kron" if kron else "exact", "predicted_rel_error": res.error / (res.energy or 1.0)})
 
 
 def measure_layers(graph: DependencyGraph, comp: Compensation, held_out: dict[str, Moments]) -> None:

@@ -19,8 +19,7 @@ from numpy.typing import NDArray
 from onnx import NodeProto
 from threadpoolctl import threadpool_limits
 
-from graphprune import runtime
-from graphprune.compensate import LayerStatistics, augmented
+from graphprune.compensate import LayerStatistics, augmented, per_layer
 from graphprune.config import PruneConfig
 from graphprune.consumers import LinearView, linear_views
 from graphprune.depgraph import Consume, DependencyGraph
@@ -216,7 +215,7 @@ class ObsError(Criterion):
         self.info: dict[str, Any] = {}
 
     def prepare(self, ctx: ScoringContext) -> None:
-        with threadpool_limits(limits=runtime.idle_cpus(), user_api="blas"):
+        with threadpool_limits(limits=1, user_api="blas"):  # see compensate.compensate
             self.scores, self.info = _obs_scores(ctx)
 
     def describe(self) -> dict[str, Any]:
@@ -243,8 +242,10 @@ def _obs_scores(ctx: ScoringContext) -> tuple[dict[int, Scores], dict[str, Any]]
     free_root = _free_roots(grouping)
     views = linear_views(graph, free_root[grouping.roots])
     stats = ctx.statistics.get(views)
-    for v in views:
-        _add_view_errors(ctx, v, stats[v.node], free_root, scores)
+    for units, errors in per_layer(lambda v: _view_errors(ctx, v, stats[v.node], free_root), views):
+        for r, e in zip(units, errors, strict=True):
+            gid, unit = grouping.unit_group[r]
+            scores[gid][unit] += e
     nodes = {node_name(n): n for n in graph.model.graph.node}
     viewed = {v.node for v in views}
     by_group: dict[int, set[str]] = {}
@@ -285,15 +286,11 @@ def _magnitude_share(graph: DependencyGraph, group: Group, node: NodeProto) -> S
     return np.mean(shares, axis=0) if shares else np.zeros(group.size)
 
 
-def _add_view_errors(ctx: ScoringContext, v: LinearView, h: Moments, free_root: NDArray[np.bool_],
-                     scores: dict[int, Scores]) -> None:
-    """Add each free unit's relative OBS error in consumer `v` to its group's scores."""
-    grouping = ctx.grouping
+def _view_errors(ctx: ScoringContext, v: LinearView, h: Moments,
+                 free_root: NDArray[np.bool_]) -> tuple[list[int], NDArray[np.float64]]:
+    """Each free unit (root element) read by consumer `v`, and its relative OBS error there."""
     aug, h = augmented(ctx.graph, v, h)
-    roots = grouping.roots[ctx.graph.tracked(v.x)[v.x_axis]]
+    roots = ctx.grouping.roots[ctx.graph.tracked(v.x)[v.x_axis]]
     units = [r for r in np.unique(roots).tolist() if free_root[r]]
     blocks = [v.columns_of(np.nonzero(roots == r)[0]) for r in units]
-    errors = removal_errors(aug, h, blocks, ctx.cfg.damping) / (energy(aug, h) or 1.0)
-    for r, e in zip(units, errors, strict=True):
-        gid, unit = grouping.unit_group[r]
-        scores[gid][unit] += e
+    return units, removal_errors(aug, h, blocks, ctx.cfg.damping) / (energy(aug, h) or 1.0)

@@ -123,6 +123,24 @@ def _spin() -> None:
         pass
 
 
+@pytest.mark.parametrize("kron_columns", [1024, 0])
+def test_obs_prunes_are_the_same_bits_on_any_number_of_idle_cores(monkeypatch: pytest.MonkeyPatch,
+                                                                    kron_columns: int) -> None:
+    """BLAS threads follow the idle cores, but only where the result does not depend on them (the Gram
+    products, layers side by side on single-threaded BLAS): multi-threaded dgemm/inverses gave other bits,
+    so the same prune differed with the machine's load."""
+    import graphprune
+    from graphprune.demo import demo_model
+
+    outputs = []
+    for idle in (1, 2, 3):
+        monkeypatch.setattr(runtime, "idle_cpus", lambda window_s=0.1, n=idle: n)
+        res = graphprune.prune(demo_model(), sparsity=0.4, latency_runs=0, validate=False, kron_columns=kron_columns)
+        assert res.report.compensation["applied"]
+        outputs.append(res.model.SerializeToString())
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
 def test_prune_holds_one_onnxruntime_session_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each session holds (and pre-packs) a whole model's weights, so statistics, the compensation
     self-check and validation open them one after another: peak memory then grows by one model, not
