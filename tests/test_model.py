@@ -710,6 +710,35 @@ def test_large_models_are_saved_with_external_data(tmp_path: Path, monkeypatch: 
     np.testing.assert_array_equal(run(loaded, {"x": x})[0], run(model, {"x": x})[0])
 
 
+def test_prune_round_trips_through_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With protobuf's limit patched down, every model here is "over 2 GiB": the input is saved as
+    external data, pruned from that file with OBS and validation, saved as external data again, and the
+    result loads back and runs with the outputs' names and shapes unchanged."""
+    import graphprune
+    from graphprune.demo import demo_model
+
+    monkeypatch.setattr(gm, "PROTOBUF_LIMIT", 8192)  # the demo: ~4 KiB of graph, ~190 KiB in all
+    assert gm.serialized_size(demo_model()) > 8192
+    source = tmp_path / "in" / "model.onnx"
+    source.parent.mkdir()
+    save_model(demo_model(), source)
+    assert (source.parent / "model.onnx.data").stat().st_size > 8192
+    res = graphprune.prune(str(source), sparsity=0.4, latency_runs=0)
+    assert res.report.validation["equivalence"]["passed"] and res.report.compensation["applied"]
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    res.save(out)
+    raw = onnx.load_model(str(out), load_external_data=False)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in raw.graph.initializer)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    loaded = load_model(out)
+    original = load_model(source)
+    x = {"input": np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    got, want = runtime.run(runtime.session(loaded), x), runtime.run(runtime.session(original), x)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    assert loaded.SerializeToString() == load_model(res.model).SerializeToString()
+
+
 @pytest.mark.slow
 def test_a_model_really_past_2_gib_is_saved_and_loads_back(tmp_path: Path) -> None:
     """Not a patched limit: 2.5 GiB of weights, where protobuf's own ByteSize() raises EncodeError."""
