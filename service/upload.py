@@ -201,6 +201,10 @@ def _copy(src: BinaryIO, path: Path) -> tuple[int, str]:
 
 _GRAPH_FIELD = 7  # onnx.proto: ModelProto.graph
 _WIRE_SIZES = {1: 8, 5: 4}  # fixed64, fixed32; 0 is a varint, 2 is length-delimited
+# An .onnx file has a few dozen top-level fields (versions, opsets, metadata, functions, the graph);
+# the walk is Python, holding the GIL a few microseconds per field, so it stops here: a body of
+# millions of tiny fields would otherwise stall the event loop for seconds.
+MAX_TOP_LEVEL_FIELDS = 100_000
 
 
 def _check_model_file(path: Path, size: int) -> str | None:
@@ -208,8 +212,12 @@ def _check_model_file(path: Path, size: int) -> str | None:
     if size == 0:
         return "the body is empty: send the bytes of an .onnx model"
     with path.open("rb") as f:
-        pos, has_graph = 0, False
+        pos, has_graph, fields = 0, False, 0
         while pos < size:
+            fields += 1
+            if fields > MAX_TOP_LEVEL_FIELDS:
+                return (f"not an ONNX model: over {MAX_TOP_LEVEL_FIELDS:,} top-level protobuf fields "
+                        "(an .onnx file has a few dozen)")
             start = pos
             key, pos = _varint(f, pos)
             number, wire = (key >> 3, key & 7) if key is not None else (0, -1)

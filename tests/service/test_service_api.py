@@ -356,3 +356,18 @@ async def test_readiness_says_when_jobs_cannot_run(settings: Make, monkeypatch: 
         dispatcher.cancel()
         await asyncio.gather(dispatcher, return_exceptions=True)
         _problem(await api.client.get("/readyz"), 503, "dispatcher has stopped")
+
+
+async def test_a_body_of_countless_tiny_fields_is_refused_quickly(settings: Make) -> None:
+    """The upload pre-check walks top-level protobuf fields in Python; it stops at MAX_TOP_LEVEL_FIELDS
+    instead of holding the GIL for seconds over a body made of millions of them (~0.7 CPU-s per MB)."""
+    import time
+
+    from service.upload import MAX_TOP_LEVEL_FIELDS
+
+    body = b"\x08\x01" * (4 * MAX_TOP_LEVEL_FIELDS)  # ir_version = 1, over and over: 800 KB
+    async with asgi(settings()) as api:
+        start = time.process_time()
+        _problem(await api.submit(body), 400, "top-level protobuf fields")
+        assert time.process_time() - start < 1.0
+        assert list(api.runtime.artifacts.uploads.iterdir()) == []
