@@ -224,14 +224,11 @@ def _done(args: argparse.Namespace, summary: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.app import create_app
+    from service.app import serve
     from service.settings import Settings
 
-    settings = Settings.from_env(**({"data_dir": args.data_dir} if args.data_dir else {}))
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+    serve(Settings.from_env(**({"data_dir": args.data_dir} if args.data_dir else {})), args.host, args.port,
+          args.log_level)
     return 0
 
 

@@ -256,6 +256,10 @@ async def _events(rt: Runtime, job_id: str) -> AsyncIterator[str]:
         elif time.monotonic() - quiet_since > EVENT_KEEPALIVE_S:
             quiet_since = time.monotonic()
             yield ": keep-alive\n\n"
-        if job.status.terminal or rt.closing:
+        if job.status.terminal:
+            return
+        if rt.closing:  # a last event that says so, then a clean end of the stream
+            seq += 1
+            yield f"event: shutdown\nid: {seq}\ndata: {json.dumps(JobView.of(job).model_dump(mode='json'))}\n\n"
             return
         await asyncio.sleep(EVENT_POLL_S)

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
@@ -58,3 +60,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, telling the app when shutdown begins: uvicorn waits for open connections before the
+    lifespan shutdown, so an open `/events` stream never learnt of it and was cut when the graceful
+    timeout ran out (a protocol error for the client). Marking the runtime closing first lets streams
+    send a final event and end, and new submissions get 503 while the server drains."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        rt: Runtime | None = getattr(self._app.state, "runtime", None)
+        if rt is not None:
+            rt.closing = True
+        await super().shutdown(sockets)
+
+
+def serve(settings: Settings, host: str, port: int, log_level: str = "info") -> None:
+    """`graphprune serve`: the app under uvicorn until SIGINT/SIGTERM (uvicorn re-raises the signal once
+    it has shut down; as with `uvicorn.run`, the resulting KeyboardInterrupt is a clean exit)."""
+    app = create_app(settings)
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=5), app)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()

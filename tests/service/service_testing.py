@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from graphprune.demo import demo_model
-from service.app import create_app
+from service.app import DrainingServer, create_app
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -78,9 +78,11 @@ def free_port() -> int:
 
 @contextmanager
 def live_server(settings: Settings) -> Iterator[str]:
-    """A real uvicorn server on 127.0.0.1 in a thread; stops (lifespan shutdown included) on exit."""
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(),
-                                           log_level="warning", timeout_graceful_shutdown=2))
+    """A real uvicorn server on 127.0.0.1 in a thread, as `graphprune serve` runs it (DrainingServer);
+    stops (lifespan shutdown included) on exit."""
+    app = create_app(settings)
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                           timeout_graceful_shutdown=2), app)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,38 @@ def test_events_stream_progress_until_the_job_ends(settings: Make) -> None:
         assert {"analyze", "select", "validate"} <= set(stages)
         progress = [e["progress"] for e in events]
         assert progress == sorted(progress)
+
+
+def test_an_open_event_stream_gets_a_final_event_on_shutdown(settings: Make) -> None:
+    """uvicorn waits for open connections before the app hears of shutdown: an /events stream used to
+    be cut when the graceful timeout ran out (a protocol error); now it ends with a `shutdown` event."""
+    lines: list[str] = []
+    failure: list[BaseException] = []
+    opened = threading.Event()
+
+    def follow(url: str, job_id: str) -> None:
+        try:
+            with httpx.Client(base_url=url) as http, http.stream("GET", f"/v1/jobs/{job_id}/events",
+                                                                timeout=30) as stream:
+                for line in stream.iter_lines():
+                    lines.append(line)
+                    opened.set()
+        except BaseException as exc:  # what the client would see: RemoteProtocolError when cut
+            failure.append(exc)
+            opened.set()
+
+    with live_server(settings(worker_stage_delay_s=60)) as url:
+        job = httpx.post(f"{url}/v1/jobs", params=FAST, content=DEMO, headers=OCTET).json()
+        reader = threading.Thread(target=follow, args=(url, job["id"]))
+        reader.start()
+        assert opened.wait(15)
+        started = time.monotonic()
+    reader.join(15)
+    assert not failure, failure
+    assert "event: shutdown" in lines, lines
+    final = json.loads(next(line for line in reversed(lines) if line.startswith("data:"))[5:])
+    assert final["id"] == job["id"] and final["status"] in ("queued", "running")
+    assert time.monotonic() - started < 10
 
 
 def test_client_round_trip_and_cancel(settings: Make, tmp_path: Path) -> None:
