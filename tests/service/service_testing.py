@@ -80,6 +80,13 @@ def free_port() -> int:
 def live_server(settings: Settings) -> Iterator[str]:
     """A real uvicorn server on 127.0.0.1 in a thread, as `graphprune serve` runs it (DrainingServer);
     stops (lifespan shutdown included) on exit."""
+    with live_app(settings) as (url, _):
+        yield url
+
+
+@contextmanager
+def live_app(settings: Settings) -> Iterator[tuple[str, FastAPI]]:
+    """`live_server`, and its app (whose `state.runtime` the server's event loop thread runs)."""
     app = create_app(settings)
     server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
                                            timeout_graceful_shutdown=2), app)
@@ -90,7 +97,7 @@ def live_server(settings: Settings) -> Iterator[str]:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{server.config.port}"
+        yield f"http://127.0.0.1:{server.config.port}", app
     finally:
         server.should_exit = True
         thread.join(15)

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import onnx
 import pytest
-from service_testing import DEMO, FAST, OCTET, live_server
+from service_testing import DEMO, FAST, OCTET, live_app, live_server
 
 from graphprune.cli import main
 from graphprune.client import Client, JobFailedError, ServiceError
@@ -212,3 +212,72 @@ def test_a_full_disk_is_a_507_and_not_ready(settings: Make, monkeypatch: pytest.
 def test_a_job_that_fills_the_disk_fails_with_the_reason() -> None:
     error = job_error(OSError(errno.ENOSPC, "No space left on device"), None)
     assert error.kind == "DiskFull" and "GRAPHPRUNE_MIN_FREE_BYTES" in error.message
+
+
+def test_readiness_says_when_jobs_cannot_run(settings: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/readyz is 503 with the reason when the job store does not answer or the dispatcher has stopped
+    (it used to check only the data directory, and a broken store answered 500)."""
+    import sqlite3
+
+    with live_app(settings()) as (url, app), httpx.Client(base_url=url) as http:
+        rt = app.state.runtime
+
+        def broken() -> None:
+            raise sqlite3.OperationalError("database disk image is malformed")
+
+        monkeypatch.setattr(rt.store, "counts", broken)
+        answer = http.get("/readyz")
+        assert answer.status_code == 503 and answer.headers["content-type"] == "application/problem+json"
+        assert "job store does not answer" in answer.json()["detail"] and "malformed" in answer.json()["detail"]
+        monkeypatch.undo()
+        assert http.get("/readyz").status_code == 200
+        dispatcher = rt.executor._dispatcher
+        dispatcher.get_loop().call_soon_threadsafe(dispatcher.cancel)  # it runs on the server's loop
+        deadline = time.monotonic() + 10
+        while not dispatcher.done():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        answer = http.get("/readyz")
+        assert answer.status_code == 503 and "dispatcher has stopped" in answer.json()["detail"]
+
+
+def test_a_body_of_countless_tiny_fields_is_refused_quickly(settings: Make) -> None:
+    """The upload pre-check walks top-level protobuf fields in Python; it stops at MAX_TOP_LEVEL_FIELDS
+    instead of holding the GIL for seconds over a body made of millions of them (~0.7 CPU-s per MB)."""
+    s = settings()
+    body = b"\x08\x01" * (4 * upload.MAX_TOP_LEVEL_FIELDS)  # ir_version = 1, over and over: 800 KB
+    with live_server(s) as url, httpx.Client(base_url=url) as http:
+        start = time.process_time()  # the server runs in this process: its CPU time counts here
+        answer = http.post("/v1/jobs", params=FAST, content=body, headers=OCTET)
+        assert answer.status_code == 400 and "top-level protobuf fields" in answer.json()["detail"]
+        assert time.process_time() - start < 1.0
+        assert not any((s.data_dir / "uploads").iterdir())
+
+
+def test_a_chunked_multipart_over_the_cap_names_the_cap(settings: Make) -> None:
+    """The 413 for a streamed form names GRAPHPRUNE_MAX_UPLOAD_BYTES, not the cap plus the allowance for
+    the form's framing that the stream is really cut at."""
+    def form() -> Iterator[bytes]:
+        yield b'--b\r\nContent-Disposition: form-data; name="model"; filename="m.onnx"\r\n\r\n'
+        for _ in range(3):
+            yield b"\0" * (1 << 20)
+        yield b"\r\n--b--\r\n"
+
+    with live_server(settings(max_upload_bytes=1000)) as url, httpx.Client(base_url=url) as http:
+        answer = http.post("/v1/jobs", content=form(), headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert answer.status_code == 413 and answer.headers["content-type"] == "application/problem+json"
+        assert "(1,000 bytes, GRAPHPRUNE_MAX_UPLOAD_BYTES)" in answer.json()["detail"]
+
+
+def test_bad_options_and_lifted_limits_are_422_before_any_job(settings: Make) -> None:
+    """On a real server: an out-of-range seed used to be accepted and fail the job later (ValueError), and
+    a client could lift the model-bomb budget or ask for unbounded samples; each is now a 422 naming the
+    option or the server's cap, and no job is created."""
+    with live_server(settings(max_samples=64)) as url, httpx.Client(base_url=url) as http:
+        for params, words in (({"seed": -1}, ["seed", "[0, 2**63)"]),
+                              ({"max_model_bytes": 10**15}, ["GRAPHPRUNE_MAX_MODEL_BYTES"]),
+                              ({"samples": 65}, ["limit of 64", "GRAPHPRUNE_MAX_SAMPLES"])):
+            answer = http.post("/v1/jobs", params={**FAST, **params}, content=DEMO, headers=OCTET)
+            assert answer.status_code == 422 and answer.headers["content-type"] == "application/problem+json"
+            assert all(w in answer.json()["detail"] for w in words), answer.json()["detail"]
+        assert http.get("/v1/jobs").json()["items"] == []
