@@ -221,8 +221,8 @@ def compensate(graph: DependencyGraph, removed_elem: NDArray[np.bool_], specs: l
     BLAS runs single-threaded here: multi-threaded OpenBLAS gives other bits in dgemm, inverses and
     solves (so the same prune would differ with the machine's load), and against a busy core its
     spinning workers lose more than they add (ResNet-50 OBS with one core busy elsewhere: 57 s with 2
-    threads, 36 s with 1). Only the statistics' Gram products (syrk, the same bits on any thread
-    count) use the idle cores (`MomentSums._flush`)."""
+    threads, 36 s with 1). The idle cores go where the bits do not depend on them: the statistics'
+    Gram products (syrk, `MomentSums`) and independent layers side by side (`per_layer`)."""
     with threadpool_limits(limits=1, user_api="blas"):
         return _compensate(graph, removed_elem, statistics or LayerStatistics(graph, specs, cfg, kind), cfg)
 

@@ -36,6 +36,7 @@ from graphprune.tensors import (
     constant_tensor,
     element_count,
     elements_nbytes,
+    size_mismatches,
     static_dims,
     tensor_nbytes,
     to_array,
@@ -215,11 +216,10 @@ def _runtime_ops() -> frozenset[tuple[str, str]]:
 def _check_data_sizes(model: ModelProto) -> None:
     """Every tensor's bytes match its declared type and shape (onnxruntime refuses a model at the first
     session otherwise, long after inspect has reported on it)."""
-    for label, tensor in dense_tensor_sites(model):
-        if tensor.HasField("raw_data") and len(tensor.raw_data) != (need := tensor_nbytes(tensor, label)):
-            raise InvalidModelError(
-                f"{label} holds {len(tensor.raw_data):,} bytes of data, but its type and shape {list(tensor.dims)} "
-                f"need {need:,}: the file is corrupt or was cut; {REEXPORT}")
+    for label, tensor, held, need in size_mismatches(dense_tensor_sites(model)):
+        raise InvalidModelError(
+            f"{label} holds {held:,} bytes of data, but its type and shape {list(tensor.dims)} "
+            f"need {need:,}: the file is corrupt or was cut; {REEXPORT}")
 
 
 # --------------------------------------------------------------------------- budget

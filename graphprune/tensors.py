@@ -8,7 +8,7 @@ tensors through here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from onnx import NodeProto, SparseTensorProto, TensorProto, TypeProto, helper, numpy_helper
@@ -21,6 +21,7 @@ __all__ = [
     "densify",
     "element_count",
     "elements_nbytes",
+    "size_mismatches",
     "static_dims",
     "tensor_nbytes",
     "to_array",
@@ -82,6 +83,16 @@ def tensor_nbytes(tensor: TensorProto, label: str = "") -> int:
     """The bytes a tensor's declared shape and type need (sub-byte types packed), from dims alone."""
     label = label or f"tensor {tensor.name!r}"
     return elements_nbytes(element_count(tensor.dims, label), tensor.data_type, label)
+
+
+def size_mismatches(sites: Iterable[tuple[str, TensorProto]]) -> Iterator[tuple[str, TensorProto, int, int]]:
+    """(label, tensor, bytes held, bytes needed) for each tensor whose raw data does not match its declared
+    type and shape. Loading refuses such input, validation such output; each says so in its own words."""
+    for label, tensor in sites:
+        if tensor.HasField("raw_data"):
+            held = len(tensor.raw_data)
+            if held != (need := tensor_nbytes(tensor, label)):
+                yield label, tensor, held, need
 
 
 def static_dims(type_proto: TypeProto | None) -> list[int] | None:

@@ -16,7 +16,7 @@ from onnx import ModelProto
 from graphprune import runtime
 from graphprune.errors import InvalidModelError, ValidationFailedError
 from graphprune.model import inference_view
-from graphprune.tensors import tensor_nbytes
+from graphprune.tensors import size_mismatches
 
 EQUIVALENCE_RTOL = 1e-3
 EQUIVALENCE_ATOL = 1e-4
@@ -34,11 +34,10 @@ def check(model: ModelProto) -> None:
         onnx.checker.check_model(inference_view(model), full_check=True)
     except Exception as exc:
         raise ValidationFailedError(f"the pruned model fails onnx.checker: {exc}") from exc
-    for tensor in model.graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) != (need := tensor_nbytes(tensor)):
-            raise ValidationFailedError(
-                f"the pruned model fails onnx.checker: initializer '{tensor.name}' holds {len(tensor.raw_data)} "
-                f"bytes, its shape {list(tensor.dims)} needs {need}")
+    for _, tensor, held, need in size_mismatches((f"initializer {t.name!r}", t) for t in model.graph.initializer):
+        raise ValidationFailedError(
+            f"the pruned model fails onnx.checker: initializer '{tensor.name}' holds {held} "
+            f"bytes, its shape {list(tensor.dims)} needs {need}")
 
 
 def tensor_dtypes(model: ModelProto) -> dict[str, int]:
