@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from numpy.typing import NDArray
-from onnx import AttributeProto, ModelProto, NodeProto, numpy_helper
+from onnx import AttributeProto, ModelProto, NodeProto
 
 from graphprune import shapeflow
 from graphprune.elements import ElementPool, Labels
 from graphprune.onnxutil import node_name
 from graphprune.reasons import BlockKind, BlockReason, ShapeUnknown, Unmappable
 from graphprune.rules import rule_for
+from graphprune.tensors import to_array
+from graphprune.weights import is_mapped
 
 # ops whose rule judges the shape vector it reads (check_shape_entries)
 SHAPE_CONSUMERS = frozenset({"Reshape", "Expand", "Resize"})
@@ -143,14 +145,21 @@ class DependencyGraph:
         return name in self.initializers
 
     def const(self, name: str) -> NDArray[Any]:
+        """An initializer's value: cached when it is held in memory (every read of a proto copies it), a
+        fresh view of its file when mapped, so that no mapping outlives the stage that reads it."""
+        tensor = self.initializers[name]
+        if is_mapped(tensor):
+            return to_array(tensor)
         if name not in self._const_cache:
-            self._const_cache[name] = numpy_helper.to_array(self.initializers[name])
+            self._const_cache[name] = to_array(tensor)
         return self._const_cache[name]
 
     def known_const(self, name: str) -> NDArray[Any] | None:
-        """`const(name)` for an initializer of this model, else None: what onnxruntime sessions over the
-        model share instead of copying every weight again (`runtime.session(arrays=...)`)."""
-        return self.const(name) if name in self.initializers else None
+        """`const(name)` for an initializer of this model held in memory, else None: what onnxruntime
+        sessions over the model share instead of copying every weight again (`runtime.session(arrays=...)`;
+        mapped ones it maps from their files itself)."""
+        tensor = self.initializers.get(name)
+        return None if tensor is None or is_mapped(tensor) else self.const(name)
 
     def tracked(self, name: str) -> dict[int, Labels]:
         return self.dims.get(name, {})

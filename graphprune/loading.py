@@ -2,8 +2,9 @@
 
 Loading never trusts the input: sizes are checked from *declared* shapes before any tensor
 data is read, external data must stay inside the model's folder, and no custom-op library is
-ever registered or loaded. Later stages may then assume a model within the budget that holds
-all its data in memory (`require_loaded`).
+ever registered or loaded. Large external tensors are then left in their files, as checked
+references that later stages map (`weights`); everything else is read into the proto. Later
+stages may assume a model within the budget whose data is in memory or mapped (`require_loaded`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError, Message
 from onnx import ModelProto, NodeProto, SparseTensorProto, TensorProto
 
+from graphprune import weights
 from graphprune.errors import REEXPORT, InvalidModelError, ModelTooLargeError
 from graphprune.protowalk import (
     DEFAULT_DOMAINS,
@@ -41,6 +43,7 @@ from graphprune.tensors import (
     tensor_nbytes,
     to_array,
 )
+from graphprune.weights import forget_mapping, is_mapped, mappable, mark_mapped
 
 __all__ = ["PROTOBUF_LIMIT", "declared_bytes", "load_model", "require_loaded"]
 
@@ -52,11 +55,13 @@ _GENERATORS = frozenset({"ConstantOfShape", "Expand", "Range", "Tile"})
 
 
 def load_model(source: str | os.PathLike[str] | bytes | ModelProto, *, max_bytes: int = 4 * 1024**3) -> ModelProto:
-    """Parse and check a model, then materialise its external data.
+    """Parse and check a model, then resolve its external data: tensors from `weights.MAP_MIN_BYTES`
+    stay in their files as mapped references, smaller ones are read.
 
     Everything the budget forbids is refused from declared shapes *before* any tensor data is
-    read. External data is only accepted for files (bytes and protos have no folder to resolve
-    it against). A given ModelProto is copied, never modified.
+    read. External data is only accepted for files (bytes have no folder to resolve it against);
+    a given ModelProto may hold mapped references this module made. A given ModelProto is copied,
+    never modified.
     """
     base_dir: Path | None = None
     if isinstance(source, ModelProto):
@@ -72,7 +77,7 @@ def load_model(source: str | os.PathLike[str] | bytes | ModelProto, *, max_bytes
     _check_budget(model, max_bytes)
     if model is source:
         model = copy_proto(model)
-    _load_external_data(model, base_dir)
+    _load_external_data(model, base_dir, trusted=isinstance(source, ModelProto))
     _check_data_sizes(model)
     _check_generated_sizes(model, max_bytes)
     return model
@@ -84,9 +89,9 @@ def declared_bytes(model: ModelProto) -> int:
 
 
 def require_loaded(model: ModelProto) -> None:
-    """Refuse tensors that still point to external data: only load_model reads it, inside the checks."""
+    """Refuse tensors that point to unchecked external data: only load_model resolves it, inside the checks."""
     for label, tensor in dense_tensor_sites(model):
-        if tensor.data_location == TensorProto.EXTERNAL:
+        if tensor.data_location == TensorProto.EXTERNAL and not is_mapped(tensor):
             raise InvalidModelError(f"{label} still lives in external data; load the model with load_model(path)")
 
 
@@ -263,21 +268,40 @@ def _declared_sizes(model: ModelProto) -> Iterator[tuple[str, int]]:
 # --------------------------------------------------------------------------- external data
 
 
-def _load_external_data(model: ModelProto, base_dir: Path | None) -> None:
+def _load_external_data(model: ModelProto, base_dir: Path | None, trusted: bool) -> None:
+    """Resolve external data: the main graph's large tensors become mapped references, the rest is
+    read. `trusted`: a ModelProto given in-process, whose mapped references (made by an earlier load)
+    stand; from files and bytes a reference is always resolved again inside the model folder."""
+    if not trusted:
+        forget_mapping(t for _, t in dense_tensor_sites(model))
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL and not is_mapped(tensor) and mappable(tensor):
+            label = f"initializer {tensor.name!r}"
+            path, offset, length = _external_range(tensor, label, _folder(base_dir, label))
+            if length >= weights.MAP_MIN_BYTES:
+                mark_mapped(tensor, path, offset, length)
     for label, tensor in dense_tensor_sites(model):
-        if tensor.data_location != TensorProto.EXTERNAL:
+        if tensor.data_location != TensorProto.EXTERNAL or is_mapped(tensor):
             continue
-        if base_dir is None:
-            raise InvalidModelError(
-                f"{label} keeps its data in an external file, but the model was not given as a file "
-                "path, so there is no folder to resolve it against; pass the .onnx path instead"
-            )
-        tensor.raw_data = _read_external(tensor, label, base_dir)
+        path, offset, length = _external_range(tensor, label, _folder(base_dir, label))
+        with path.open("rb") as f:
+            f.seek(offset)
+            tensor.raw_data = f.read(length)
         tensor.ClearField("external_data")
         tensor.ClearField("data_location")
 
 
-def _read_external(tensor: TensorProto, label: str, base_dir: Path) -> bytes:
+def _folder(base_dir: Path | None, label: str) -> Path:
+    if base_dir is None:
+        raise InvalidModelError(
+            f"{label} keeps its data in an external file, but the model was not given as a file "
+            "path, so there is no folder to resolve it against; pass the .onnx path instead"
+        )
+    return base_dir
+
+
+def _external_range(tensor: TensorProto, label: str, base_dir: Path) -> tuple[Path, int, int]:
+    """The checked file, offset and length of an external tensor's data."""
     info = {entry.key: entry.value for entry in tensor.external_data}
     path = _external_path(info.get("location", ""), label, base_dir)
     expected = tensor_nbytes(tensor, label)
@@ -295,9 +319,7 @@ def _read_external(tensor: TensorProto, label: str, base_dir: Path) -> bytes:
             f"{label}: {str(path)!r} is too short for {length:,} bytes at offset {offset}; "
             "the data file is truncated or belongs to another model"
         )
-    with path.open("rb") as f:
-        f.seek(offset)
-        return f.read(length)
+    return path, offset, length
 
 
 def _external_path(location: str, label: str, base_dir: Path) -> Path:

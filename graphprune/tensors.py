@@ -15,6 +15,7 @@ from onnx import NodeProto, SparseTensorProto, TensorProto, TypeProto, helper, n
 
 from graphprune.errors import REEXPORT, InvalidModelError
 from graphprune.protowalk import copy_proto, node_label
+from graphprune.weights import is_mapped, map_array
 
 __all__ = [
     "constant_tensor",
@@ -109,6 +110,9 @@ def static_dims(type_proto: TypeProto | None) -> list[int] | None:
 
 
 def to_array(tensor: TensorProto) -> np.ndarray:
+    """The tensor's value; a read-only view of its file for a mapped tensor (`weights`)."""
+    if is_mapped(tensor):
+        return map_array(tensor)
     try:
         return numpy_helper.to_array(tensor)
     except (TypeError, ValueError) as exc:
