@@ -16,6 +16,7 @@ from onnx import ModelProto, TensorProto
 from graphprune.errors import InvalidModelError
 from graphprune.model import without_initializers
 from graphprune.tensors import tensor_nbytes
+from graphprune.weights import data_folder, external_entries, is_mapped, map_array
 
 # onnx 1.23 writes IR 14 by default and onnxruntime 1.31 reads less; graphprune keeps the user's IR
 # version in what it writes and only lowers it in the private copy it runs.
@@ -73,9 +74,10 @@ def session(model: ModelProto, threads: int | None = None, extra_outputs: Sequen
     (the masked reference runs on the original's weights without a copy of them). `arrays`: initializer
     values already in memory (`DependencyGraph.known_const`), used instead of a fresh copy.
 
-    The weights reach onnxruntime as in-memory external initializers and only a weightless skeleton
-    is serialized: serializing a ResNet-50 and parsing it back cost ~0.35 s per session (measured),
-    and validation and compensation open several.
+    Only a weightless skeleton is serialized: serializing a ResNet-50 and parsing it back cost ~0.35 s
+    per session (measured), and validation and compensation open several. Mapped weights are mapped by
+    onnxruntime from their files (no copy: a 4 GB model's session holds what it touches, file-backed);
+    weights in memory reach it as external initializers, which it copies.
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or min(4, cpus())
@@ -86,7 +88,9 @@ def session(model: ModelProto, threads: int | None = None, extra_outputs: Sequen
         opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    skeleton, names, values = _skeleton(model, weights, arrays)
+    skeleton, folder, names, values = _skeleton(model, weights, arrays)
+    if folder is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     skeleton.ir_version = min(model.ir_version, RUNTIME_IR_VERSION)
     known = {o.name for o in skeleton.graph.output}
     for name in dict.fromkeys(extra_outputs):
@@ -108,30 +112,47 @@ def probe_session(model: ModelProto, names: list[str], arrays: Arrays | None = N
     return session(model, extra_outputs=names, spinning=False, arrays=arrays)
 
 
-def _skeleton(model: ModelProto, weights: ModelProto | None = None,
-              arrays: Arrays | None = None) -> tuple[ModelProto, list[str], list[ort.OrtValue]]:
+def _skeleton(model: ModelProto, weights: ModelProto | None = None, arrays: Arrays | None = None
+              ) -> tuple[ModelProto, str | None, list[str], list[ort.OrtValue]]:
     """`model` (plus the initializers of `weights`) with the large top-level initializers replaced by
-    external-data stubs, and their values: from `arrays` where it has them (values already in memory,
-    shared), else read from the proto (every read of `raw_data` is a copy, so it is read once)."""
+    external-data stubs; the folder onnxruntime maps the mapped ones from (`weights.data_folder`), and
+    the values of the others: from `arrays` where it has them (values already in memory, shared), else
+    read from the proto (every read of `raw_data` is a copy, so it is read once). onnxruntime copies
+    values given this way, but maps files in place."""
     skeleton = without_initializers(model)
     names: list[str] = []
     values: list[ort.OrtValue] = []
-    for init in [*model.graph.initializer, *(weights.graph.initializer if weights is not None else [])]:
+    inits = [*model.graph.initializer, *(weights.graph.initializer if weights is not None else [])]
+    folder, located = data_folder(inits)
+    for init in inits:
         dtype = _RAW_DTYPES.get(init.data_type)
-        if (dtype is None or not init.HasField("raw_data") or init.data_location == TensorProto.EXTERNAL
-                or tensor_nbytes(init) < _IN_MEMORY_BYTES):
+        if init.name in located:
+            stub = _stub(skeleton, init)
+            stub.external_data.extend(_entries(init, located[init.name]))
+            continue
+        if not is_mapped(init) and (dtype is None or not init.HasField("raw_data")
+                                    or init.data_location == TensorProto.EXTERNAL
+                                    or tensor_nbytes(init) < _IN_MEMORY_BYTES):
             skeleton.graph.initializer.append(init)
             continue
-        stub = skeleton.graph.initializer.add()
-        stub.name, stub.data_type, stub.data_location = init.name, init.data_type, TensorProto.EXTERNAL
-        stub.dims.extend(init.dims)
-        stub.external_data.add(key="location", value="graphprune-in-memory")
+        _stub(skeleton, init).external_data.add(key="location", value="graphprune-in-memory")
         shared = arrays(init.name) if arrays is not None else None
-        array = (np.ascontiguousarray(shared, dtype=dtype) if shared is not None
-                 else np.frombuffer(init.raw_data, dtype=dtype).reshape(tuple(init.dims)))
+        array = (map_array(init) if is_mapped(init) else np.ascontiguousarray(shared, dtype=dtype)
+                 if shared is not None else np.frombuffer(init.raw_data, dtype=dtype).reshape(tuple(init.dims)))
         names.append(init.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(array))
-    return skeleton, names, values
+    return skeleton, None if folder is None else str(folder), names, values
+
+
+def _stub(skeleton: ModelProto, init: TensorProto) -> TensorProto:
+    stub = skeleton.graph.initializer.add()
+    stub.name, stub.data_type, stub.data_location = init.name, init.data_type, TensorProto.EXTERNAL
+    stub.dims.extend(init.dims)
+    return stub
+
+
+def _entries(init: TensorProto, location: str) -> list[onnx.StringStringEntryProto]:
+    return [onnx.StringStringEntryProto(key=k, value=v) for k, v in external_entries(init, location)]
 
 
 def run(sess: ort.InferenceSession, feeds: dict[str, NDArray[Any]],

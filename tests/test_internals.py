@@ -77,7 +77,7 @@ def test_session_with_in_memory_weights_equals_plain_session(ir_version: int) ->
     x = {"x": np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)}
     plain = model if ir_version <= runtime.RUNTIME_IR_VERSION else _model(runtime.RUNTIME_IR_VERSION)
     expected = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
-    assert runtime._skeleton(model)[1] == ["w", "w16"]  # these two travel as in-memory initializers
+    assert runtime._skeleton(model)[2] == ["w", "w16"]  # these two travel as in-memory initializers
     sess = runtime.session(model)
     np.testing.assert_array_equal(runtime.run(sess, x)["z"], expected)
     probe = runtime.probe_session(model, ["h"])
