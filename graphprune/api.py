@@ -34,6 +34,7 @@ from graphprune.shapes import resolve_shapes
 from graphprune.surgery import apply_plan, masked_reference
 from graphprune.synthetic import batches
 from graphprune.validate import relative_error, tensor_dtypes, validate
+from graphprune.weights import discard
 
 Source = str | os.PathLike[str] | bytes | ModelProto
 Progress = Callable[[str, float], None]
@@ -147,6 +148,8 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
         validation = validate(an.model, pruned, _validation_feeds(an, cfg), cfg.latency_runs,
                               equivalence=(reference, plain), arrays=an.graph.known_const)
         lap("validate", 1.0)
+    if pruned is not plain:
+        discard(plain.graph.initializer)  # its scratch weights (a mapped model's) are not needed now
     report = _report(an, cfg, plan, validation, timings)
     report.compensation = comp.to_dict()
     report.importance = {"criterion": cfg.scoring, **crit.describe()}
@@ -194,6 +197,8 @@ def _self_checked(an: Analysis, cfg: PruneConfig, plain: ModelProto, removed_roo
     err_plain, err_comp = (_mean_error(m, checks, refs) for m in (plain, compensated))
     comp.self_check = {"relative_error_uncompensated": err_plain, "relative_error_compensated": err_comp}
     comp.applied = err_comp <= err_plain
+    if not comp.applied:
+        discard(compensated.graph.initializer)
     return compensated if comp.applied else plain
 
 

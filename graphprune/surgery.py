@@ -1,6 +1,10 @@
 """Apply a plan to a copy of the model: slice every labelled parameter dimension, let each op's rule
 rewrite its attributes and shape constants, then drop stale shape annotations.
 
+A model whose weights are mapped from files (`weights`) gets its new weights written to a scratch
+file as they are made, and its unchanged large ones copied there, so at no point does the pruned
+model's data sit in memory, and it lives in one folder that onnxruntime maps.
+
 Also builds the masked reference model (the original with every consumer's removed input channels
 zeroed) that the pruned model must reproduce exactly when no compensation is applied.
 """
@@ -13,17 +17,21 @@ import numpy as np
 from numpy.typing import NDArray
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
+from graphprune import weights
 from graphprune.depgraph import DependencyGraph
 from graphprune.model import infer_shapes, without_initializers
 from graphprune.rules import rule_for
+from graphprune.weights import Spill, is_mapped, map_array
 
 
 class SurgeryContext:
-    def __init__(self, graph: DependencyGraph, removed_root: NDArray[np.bool_]) -> None:
+    def __init__(self, graph: DependencyGraph, removed_root: NDArray[np.bool_], spill: Spill | None = None) -> None:
         self.graph = graph
         self.removed = removed_root[graph.pool.roots()]
         self.consts: dict[str, NDArray[Any]] = {}
         self.added: dict[str, NDArray[Any]] = {}
+        self.spill = spill
+        self.spilled: dict[str, TensorProto] = {}  # new values already written to `spill`
 
     def keep(self, name: str, axis: int) -> NDArray[np.bool_] | None:
         labels = self.graph.tracked(name).get(axis)
@@ -52,6 +60,10 @@ class SurgeryContext:
         return self.added[name] if name in self.added else self.graph.const(name)
 
     def set_const(self, name: str, value: NDArray[Any]) -> None:
+        self.spilled.pop(name, None)
+        if self.spill is not None and value.nbytes >= weights.MAP_MIN_BYTES and value.dtype.kind in "biufcb":
+            self.spilled[name] = self.spill.tensor(name, value)
+            value = map_array(self.spilled[name])  # the written copy: the array itself can go
         self.consts[name] = value
 
     def add_const(self, base: str, value: NDArray[Any], dtype: int = TensorProto.INT64) -> str:
@@ -68,22 +80,30 @@ def apply_plan(graph: DependencyGraph, removed_root: NDArray[np.bool_],
     """The pruned model, shapes re-inferred; `overrides` replace initializer values first (compensated
     weights)."""
     model = without_initializers(graph.model)  # initializers are written once, sliced or as they were
-    sx = SurgeryContext(graph, removed_root)
+    mapped = any(is_mapped(t) for t in graph.model.graph.initializer)
+    spill = Spill() if mapped else None
+    sx = SurgeryContext(graph, removed_root, spill)
     overrides = overrides or {}
     for name in graph.initializers:
-        value = overrides.get(name, graph.const(name))
-        sliced = value
+        value = overrides.get(name)
+        changed = value is not None
+        if value is None:
+            value = graph.const(name)
         for axis in graph.tracked(name):
             keep = sx.keep(name, axis)
             if keep is not None and not keep.all():
-                sliced = np.compress(keep, sliced, axis=axis)
-        if sliced is not graph.const(name):
-            sx.set_const(name, sliced)
+                value = np.compress(keep, value, axis=axis)
+                changed = True
+        if changed:
+            sx.set_const(name, value)
+        del value
     for node in model.graph.node:
         rule = rule_for(node)
         if rule is not None and sx.touches(node):
             rule.rewrite(node, sx)
     _write_consts(graph.model, model, sx)
+    if spill is not None:
+        spill.close()
     del model.graph.value_info[:]
     return infer_shapes(model, copy=False)
 
@@ -91,8 +111,12 @@ def apply_plan(graph: DependencyGraph, removed_root: NDArray[np.bool_],
 def _write_consts(source: ModelProto, model: ModelProto, sx: SurgeryContext) -> None:
     inits = model.graph.initializer
     for t in source.graph.initializer:
-        if t.name in sx.consts:
+        if t.name in sx.spilled:
+            inits.append(sx.spilled[t.name])
+        elif t.name in sx.consts:
             inits.append(numpy_helper.from_array(np.ascontiguousarray(sx.consts[t.name]), t.name))
+        elif sx.spill is not None and is_mapped(t):
+            inits.append(sx.spill.copied(t))
         else:
             inits.append(t)
     for name, value in sx.added.items():
