@@ -1,7 +1,8 @@
 """Shape inference and saving, both built on the model's weightless skeleton.
 
-Weights are neither copied nor serialized to infer shapes, and past protobuf's 2 GiB limit they
-are written beside the skeleton as external data, so both work on models of any size.
+Weights are neither copied nor serialized to infer shapes, and past protobuf's 2 GiB limit (or when
+they are mapped from files) they are written beside the skeleton as external data, so both work on
+models of any size.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from graphprune.errors import REEXPORT, InvalidModelError, ModelTooLargeError
 from graphprune.loading import PROTOBUF_LIMIT, require_loaded
 from graphprune.protowalk import copy_fields, copy_proto, replace_all, subgraphs
 from graphprune.tensors import tensor_nbytes, to_array
+from graphprune.weights import DataWriter, is_mapped, mapped_nbytes
 
 __all__ = [
     "apply_inference",
@@ -71,8 +73,9 @@ def inference_view(model: ModelProto) -> ModelProto:
     listed = {vi.name for vi in skeleton.graph.input}
     for tensor in model.graph.initializer:
         small = math.prod(tensor.dims) <= _INFER_DATA_ELEMENTS
-        if small:
-            skeleton.graph.initializer.append(tensor)
+        if small:  # a mapped one's data is read: checkers refuse its absolute location
+            skeleton.graph.initializer.append(numpy_helper.from_array(to_array(tensor), tensor.name)
+                                              if is_mapped(tensor) else tensor)
         if tensor.name not in listed and (not small or model.ir_version < 4):
             skeleton.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     return skeleton
@@ -114,42 +117,58 @@ def tensor_types(model: ModelProto) -> dict[str, TypeProto]:
 
 
 def serialized_size(model: ModelProto) -> int:
-    """The model's serialized size, or a bound within a few bytes per tensor of it: protobuf's own
-    `ByteSize()` raises EncodeError on a message past 2 GiB, so the main-graph initializers are
-    measured one by one (each field's tag and length prefix at most 11 bytes)."""
+    """The model's serialized size with its mapped weights inline, or a bound within a few bytes per
+    tensor of it: protobuf's own `ByteSize()` raises EncodeError on a message past 2 GiB, so the
+    main-graph initializers are measured one by one (each field's tag and length prefix at most 11 bytes)."""
     tensors = model.graph.initializer
-    return without_initializers(model).ByteSize() + sum(t.ByteSize() + 11 for t in tensors)
+    return without_initializers(model).ByteSize() + sum(
+        t.ByteSize() + 11 + (mapped_nbytes(t) if is_mapped(t) else 0) for t in tensors)
 
 
 def model_bytes(model: ModelProto) -> bytes:
-    """The serialized model; refuses what protobuf cannot serialize instead of crashing."""
+    """The serialized model, mapped weights read in; refuses what protobuf cannot serialize instead of crashing."""
     size = serialized_size(model)
     if size >= PROTOBUF_LIMIT:
         raise ModelTooLargeError(
             f"the model serializes to {size:,} bytes, over protobuf's 2 GiB limit; "
             "write it with save_model(), which stores the weights as external data"
         )
-    return model.SerializeToString()
+    if not any(is_mapped(t) for t in model.graph.initializer):
+        return model.SerializeToString()
+    inline = without_initializers(model)
+    for t in model.graph.initializer:
+        inline.graph.initializer.append(numpy_helper.from_array(to_array(t), t.name) if is_mapped(t) else t)
+    return inline.SerializeToString()
 
 
 def save_model(model: ModelProto, path: str | os.PathLike[str]) -> None:
     """Write atomically (temporary file + os.replace), so readers never see half a model.
 
-    Past protobuf's 2 GiB limit the main-graph weights go to '<file name>.data' next to it,
-    written (atomically) before the model file that references it.
+    A model whose weights are mapped from files, or past protobuf's 2 GiB limit, keeps its main-graph
+    weights in '<file name>.data' next to it, written (atomically, tensor by tensor, mapped ones copied
+    by the kernel) before the model file that references it.
     """
     require_loaded(model)  # references relative to another folder would dangle
     target = Path(path)
-    if serialized_size(model) < PROTOBUF_LIMIT:
+    mapped = any(is_mapped(t) for t in model.graph.initializer)
+    if not mapped and serialized_size(model) < PROTOBUF_LIMIT:
         with _atomic_file(target) as f:
             f.write(model.SerializeToString())
         return
     skeleton = without_initializers(model)
     data_path = target.with_name(target.name + ".data")
     with _atomic_file(data_path) as f:
+        writer = DataWriter(f)
         for tensor in model.graph.initializer:
-            big = tensor.data_type != TensorProto.STRING and tensor_nbytes(tensor) >= _EXTERNAL_MIN_BYTES
-            skeleton.graph.initializer.append(_write_external(tensor, f, data_path.name) if big else tensor)
+            if is_mapped(tensor):
+                offset, length = writer.copy(tensor)
+            elif tensor.data_type != TensorProto.STRING and tensor_nbytes(tensor) >= _EXTERNAL_MIN_BYTES:
+                offset, length = writer.raw(tensor.raw_data if tensor.HasField("raw_data") else
+                                            numpy_helper.from_array(to_array(tensor)).raw_data)
+            else:
+                skeleton.graph.initializer.append(tensor)
+                continue
+            skeleton.graph.initializer.append(_external_ref(tensor, data_path.name, offset, length))
     with _atomic_file(target) as f:
         f.write(model_bytes(skeleton))
 
@@ -170,14 +189,11 @@ def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
         raise
 
 
-def _write_external(tensor: TensorProto, f: IO[bytes], location: str) -> TensorProto:
-    """Append the tensor's bytes to `f`; return the tensor with an external reference instead of data."""
-    raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(to_array(tensor)).raw_data
-    offset = f.tell()
-    f.write(raw)
+def _external_ref(tensor: TensorProto, location: str, offset: int, length: int) -> TensorProto:
+    """The tensor with a reference to `length` bytes at `offset` of `location` instead of data."""
     ref = TensorProto()
-    copy_fields(tensor, ref, skip=_DATA_FIELDS)
+    copy_fields(tensor, ref, skip=_DATA_FIELDS | {"external_data", "data_location"})
     ref.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         ref.external_data.add(key=key, value=value)
     return ref

@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from graphprune.errors import UsageError
+from graphprune.model import model_bytes
 from service import worker
 from service.artifacts import Artifacts
 from service.executors import Finished, PoolExecutor, timeout_error
@@ -72,7 +73,7 @@ def prune_task(model: bytes, spec: TaskSpec, stages: Queue) -> Pruned | JobError
 
     try:
         result = worker.prune_job(model, spec.options, progress, spec.stage_delay_s)
-        return Pruned(result.model.SerializeToString(), result.report.to_json())
+        return Pruned(model_bytes(result.model), result.report.to_json())
     except Exception as exc:  # the task boundary: every failure becomes the job's error
         return worker.job_error(exc, RAY_MEMORY_MESSAGE)
 

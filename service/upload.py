@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect
 from graphprune import mlflow_io
 from graphprune.errors import InvalidModelError, ModelTooLargeError, UsageError
 from graphprune.loading import load_model
+from graphprune.model import model_bytes
 from service.artifacts import CHUNK
 from service.problems import Problem
 
@@ -107,7 +108,7 @@ def _fetch(uri: str, scratch: Path, path: Path, max_bytes: int) -> Upload:
     try:
         with tempfile.TemporaryDirectory(dir=scratch, prefix="mlflow-") as tmp:
             local = mlflow_io.download(uri, Path(tmp), max_bytes=max_bytes)
-            data = load_model(local, max_bytes=max_bytes).SerializeToString()
+            data = model_bytes(load_model(local, max_bytes=max_bytes))
     except mlflow_io.MlflowUnavailableError as exc:
         raise Problem(424, str(exc)) from None
     except ModelTooLargeError as exc:

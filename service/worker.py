@@ -26,6 +26,7 @@ from onnx import ModelProto
 
 from graphprune import GraphpruneError, mlflow_io, prune
 from graphprune.api import Progress, PruneResult, Source
+from graphprune.model import model_bytes
 from service.artifacts import Artifacts, atomic_write, disk_full, file_digest
 from service.jobs import JobError, JobStore, Status
 from service.options import REGISTER_AS, SOURCE, split
@@ -99,7 +100,7 @@ def register(result: PruneResult, source: Source, mlflow_options: dict[str, Any]
 
 
 def _sha256(source: Source) -> str:
-    data = source.SerializeToString() if isinstance(source, ModelProto) else source
+    data = model_bytes(source) if isinstance(source, ModelProto) else source
     return hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else file_digest(Path(data))[1]
 
 

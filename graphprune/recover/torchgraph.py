@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from onnx import ModelProto, TensorProto, helper, numpy_helper
+from onnx import ModelProto, TensorProto, helper
 from torch import Tensor, nn
 
 from graphprune.recover.ops import OPS, Node, Unsupported
+from graphprune.tensors import to_array
+from graphprune.weights import is_mapped
 
 # Inputs of an op that hold learned weights. A constant elsewhere (Resize scales, Clip bounds, a Pow
 # exponent, masks, shape values) is structure and stays fixed. Elementwise operands count only as
@@ -58,7 +60,7 @@ def weight_names(model: ModelProto) -> list[str]:
             if i not in slots and (int(np.prod(dims)) < 2 or sum(d > 1 for d in dims) > 1):
                 continue
             names[name] = None
-    return [n for n in names if np.isfinite(numpy_helper.to_array(inits[n])).all()]
+    return [n for n in names if np.isfinite(to_array(inits[n])).all()]
 
 
 class TorchGraph(nn.Module):
@@ -82,7 +84,7 @@ class TorchGraph(nn.Module):
         params: list[nn.Parameter] = []
         self.fixed: dict[str, Tensor] = {}
         for init in model.graph.initializer:
-            value = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+            value = torch.from_numpy(np.array(to_array(init)))
             if init.name in wanted:
                 self.names.append(init.name)
                 params.append(nn.Parameter(value))
@@ -147,6 +149,9 @@ def write_back(model: ModelProto, values: Mapping[str, NDArray[Any]]) -> ModelPr
         array = np.asarray(values[init.name]).astype(dtype)
         if tuple(array.shape) != tuple(init.dims):
             raise ValueError(f"initializer '{init.name}' has dims {list(init.dims)}, got {list(array.shape)}")
+        if is_mapped(init):  # the new value lives in the proto, not in the file it was mapped from
+            del init.external_data[:]
+            init.data_location = TensorProto.DEFAULT
         if init.HasField("raw_data") or not (init.float_data or init.double_data):
             init.raw_data = array.astype(dtype.newbyteorder("<")).tobytes()
             del init.float_data[:]
