@@ -886,3 +886,72 @@ def test_constant_graph_output() -> None:
     assert ops(normalized) == ["Mul"]
     assert list(normalized.graph.node[0].input) == ["x", "kf__1"]
     assert_same_outputs(model, normalized, {"x": weights(2)})
+
+
+def _mapped_files() -> set[str]:
+    """Files this process has mapped (/proc/self/maps), to see which data onnxruntime reads in place."""
+    return {line.split(maxsplit=5)[5].strip() for line in Path("/proc/self/maps").read_text().splitlines()
+            if len(line.split(maxsplit=5)) == 6}
+
+
+def test_external_weights_stay_in_their_files_from_load_to_save(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model with external data is pruned without its weights entering protobuf: loading leaves the
+    large tensors as mapped references, onnxruntime maps the files itself, surgery writes the pruned
+    weights to a scratch file that is mapped in turn, and saving writes external data again. With the
+    mapping floor patched down, the demo's weights count as large; outputs equal the in-memory run's."""
+    import graphprune
+    from graphprune import weights as gw
+    from graphprune.demo import demo_model
+
+    monkeypatch.setattr(gw, "MAP_MIN_BYTES", 4096)
+    source = tmp_path / "in" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save_model(demo_model(), source, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    data = str((source.parent / "weights.bin").resolve())
+    loaded = load_model(source)
+    mapped = [t for t in loaded.graph.initializer if gw.is_mapped(t)]
+    assert mapped and all(not t.HasField("raw_data") for t in mapped)
+    big = {t.name for t in demo_model().graph.initializer if t.ByteSize() >= 4096}
+    assert {t.name for t in mapped} == big
+    x = {"input": np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    sess = runtime.session(loaded, timed=False)
+    assert data in _mapped_files()  # onnxruntime maps the user's file (not packing): no copy of the weights
+    unpacked = runtime.run(runtime.session(demo_model(), timed=False), x)  # kernels differ with packing
+    np.testing.assert_array_equal(runtime.run(sess, x)["logits"], unpacked["logits"])
+    want = runtime.run(runtime.session(demo_model()), x)
+    del sess
+
+    for sparsity, compensate in ((0.0, "none"), (0.4, "none"), (0.4, "obs")):
+        res = graphprune.prune(str(source), sparsity=sparsity, compensate=compensate, latency_runs=0)
+        memory = graphprune.prune(demo_model(), sparsity=sparsity, compensate=compensate, latency_runs=0)
+        assert res.report.validation["equivalence"]["passed"]
+        pruned_mapped = [t for t in res.model.graph.initializer if gw.is_mapped(t)]
+        folders = {Path(e.value).parent for t in pruned_mapped for e in t.external_data if e.key == "location"}
+        assert folders == {gw.Spill.folder()}  # the pruned model's data lives in one scratch folder
+        got = runtime.run(runtime.session(res.model), x)["logits"]
+        np.testing.assert_allclose(got, runtime.run(runtime.session(memory.model), x)["logits"], rtol=1e-5, atol=1e-6)
+        if sparsity == 0:
+            np.testing.assert_array_equal(got, want["logits"])  # a 0% prune reproduces the original
+        out = tmp_path / f"out-{sparsity}-{compensate}" / "model.onnx"
+        out.parent.mkdir()
+        res.save(out)
+        assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+        fresh = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        np.testing.assert_array_equal(fresh.run(None, x)[0], got)
+        assert onnx.load_model(str(out), load_external_data=False).ByteSize() < 8192  # weights not inline
+    assert load_model(model_bytes(res.model)).graph.initializer[0].HasField("raw_data")  # bytes hold the data
+
+
+def test_a_data_file_changed_after_loading_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from graphprune import weights as gw
+    from graphprune.demo import demo_model
+
+    monkeypatch.setattr(gw, "MAP_MIN_BYTES", 4096)
+    source = tmp_path / "model.onnx"
+    onnx.save_model(demo_model(), source, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    loaded = load_model(source)
+    (tmp_path / "weights.bin").write_bytes((tmp_path / "weights.bin").read_bytes())  # same bytes, new file
+    with pytest.raises(InvalidModelError, match="changed after the model was loaded"):
+        runtime.session(normalize(loaded))
+    gw._maps.clear()
