@@ -74,8 +74,7 @@ def inference_view(model: ModelProto) -> ModelProto:
     for tensor in model.graph.initializer:
         small = math.prod(tensor.dims) <= _INFER_DATA_ELEMENTS
         if small:  # a mapped one's data is read: checkers refuse its absolute location
-            skeleton.graph.initializer.append(numpy_helper.from_array(to_array(tensor), tensor.name)
-                                              if is_mapped(tensor) else tensor)
+            skeleton.graph.initializer.append(_inline(tensor))
         if tensor.name not in listed and (not small or model.ir_version < 4):
             skeleton.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     return skeleton
@@ -136,9 +135,13 @@ def model_bytes(model: ModelProto) -> bytes:
     if not any(is_mapped(t) for t in model.graph.initializer):
         return model.SerializeToString()
     inline = without_initializers(model)
-    for t in model.graph.initializer:
-        inline.graph.initializer.append(numpy_helper.from_array(to_array(t), t.name) if is_mapped(t) else t)
+    inline.graph.initializer.extend(_inline(t) for t in model.graph.initializer)
     return inline.SerializeToString()
+
+
+def _inline(tensor: TensorProto) -> TensorProto:
+    """The tensor with its data in the proto (read from its file when mapped)."""
+    return numpy_helper.from_array(to_array(tensor), tensor.name) if is_mapped(tensor) else tensor
 
 
 def save_model(model: ModelProto, path: str | os.PathLike[str]) -> None:
