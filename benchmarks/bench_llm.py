@@ -127,7 +127,8 @@ def graphprune_job(path: str, compensate: str, out: str) -> Result:
         res.save(out)
     rep = res.report.to_dict()
     return {**asdict(sec), "params": rep["params"], "stages": rep["timings_s"],
-            "groups": {k: rep["groups"][k] for k in ("total", "prunable", "pruned")}}
+            "groups": {k: rep["groups"][k] for k in ("total", "prunable", "pruned")},
+            "statistics": rep["compensation"].get("statistics"), "self_check": rep["compensation"]["self_check"]}
 
 
 def run_job(path: str) -> Result:

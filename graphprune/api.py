@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from onnx import ModelProto
 
 from graphprune import runtime
-from graphprune.compensate import Compensation, LayerStatistics, MomentSums, compensate, input_batches, measure_layers
+from graphprune.compensate import Compensation, HeldOutErrors, LayerStatistics, compensate, input_batches
 from graphprune.config import PruneConfig
 from graphprune.cost import CostModel
 from graphprune.depgraph import DependencyGraph
@@ -134,6 +134,7 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     if cfg.compensate == "obs" and plan.removed:
         window[:] = [0.5, 0.7]
         comp = compensate(an.graph, plan.removed_root[an.grouping.roots], an.specs, cfg, statistics=statistics)
+        statistics.clear()  # the self-check's held-out pass is not fitted on them
         lap("compensate", 0.7)
         if comp.overrides:
             pruned = _self_checked(an, cfg, plain, plan.removed_root, comp)
@@ -152,6 +153,8 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
         discard(plain.graph.initializer)  # its scratch weights (a mapped model's) are not needed now
     report = _report(an, cfg, plan, validation, timings)
     report.compensation = comp.to_dict()
+    if statistics.passes:
+        report.compensation["statistics"] = statistics.describe()
     report.importance = {"criterion": cfg.scoring, **crit.describe()}
     report.recovery = recovery
     step("done", 1.0)
@@ -184,7 +187,7 @@ def _self_checked(an: Analysis, cfg: PruneConfig, plain: ModelProto, removed_roo
     compensated = apply_plan(an.graph, removed_root, comp.overrides)
     _, feeds = input_batches(an.model, an.specs, cfg, "blobs", cfg.seed + 7919)
     checks = list(itertools.islice(feeds, SELF_CHECK_BATCHES))
-    held_out = MomentSums([v for v, _ in comp.fits], cfg.seed + 7919)
+    held_out = HeldOutErrors(an.graph, comp, cfg.seed + 7919)
     outputs = [o.name for o in an.model.graph.output]
     dense = runtime.probe_session(an.model, held_out.names, an.graph.known_const)
     refs = []
@@ -193,7 +196,7 @@ def _self_checked(an: Analysis, cfg: PruneConfig, plain: ModelProto, removed_roo
         held_out.add(acts)
         refs.append({k: acts[k] for k in outputs})
     del dense  # one session at a time (each holds a model's weights)
-    measure_layers(an.graph, comp, held_out.means())
+    held_out.finish()
     err_plain, err_comp = (_mean_error(m, checks, refs) for m in (plain, compensated))
     comp.self_check = {"relative_error_uncompensated": err_plain, "relative_error_compensated": err_comp}
     comp.applied = err_comp <= err_plain

@@ -37,6 +37,19 @@ def _shape_arg(text: str) -> tuple[str, list[int]]:
         raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,... (e.g. input=1,3,224,224), got {text!r}") from None
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size_arg(text: str) -> int:
+    """Bytes from 4G, 512M, 1.5G (binary units) or a plain number."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4G, 512M or 1000000, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphprune", description="Structured pruning of ONNX models, data-free.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +134,9 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
                     help="Convs with more im2col columns (input channels x kernel area) than N keep their OBS "
                          "statistics Kronecker-factored, channels x kernel taps (much faster and smaller on wide "
                          "layers, slightly less exact); 0: every Conv wider than 1x1")
+    pr.add_argument("--obs-memory", type=_size_arg, default=0, metavar="SIZE",
+                    help="memory the OBS statistics may hold at once, e.g. 4G (default: 40%% of what is available); "
+                         "a smaller budget takes more passes over the model, to the same result")
     defaults = PruneConfig()
     rec = pr.add_argument_group("recovery (pip install 'graphprune[recover]')")
     rec.add_argument("--recover", choices=RECOVERIES, default="none",
@@ -146,7 +162,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "exclude": list(args.exclude), "seed": args.seed, "validate": args.validate,
         "latency_runs": args.latency_runs, "input_shapes": dict(args.input_shape),
         "compensate": args.compensate, "samples": args.samples, "hessian_source": args.hessian_source,
-        "damping": args.damping, "kron_columns": args.kron_columns, "recover": args.recover,
+        "damping": args.damping, "kron_columns": args.kron_columns,
+        "obs_memory": args.obs_memory, "recover": args.recover,
         "recover_steps": args.recover_steps, "recover_lr": args.recover_lr, "recover_batch": args.recover_batch,
         "recover_time": args.recover_time,
         **({"calibration": args.calibration} if args.calibration else {}),

@@ -3,8 +3,8 @@
 Statistics H = E[x xᵀ] of each consumer's input columns (plus the constant 1 for the bias) come from
 the dense model run on synthetic inputs, or on the user's calibration .npz, streamed batch by batch
 through onnxruntime with the consumers' inputs exposed as extra outputs. `LayerStatistics` computes
-them once per prune and shares them between the OBS criterion and compensation. obs.py does the math;
-the result is a set of replacement weights that surgery then slices.
+them within a memory budget and shares them between the OBS criterion and compensation. obs.py does
+the math; the result is a set of replacement weights that surgery then slices.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ MAX_ROWS_PER_BATCH = 1024  # rows sampled per consumer per batch: the d² accumu
 FLUSH_ROWS = 1024  # rows gathered per consumer before one Gram product (see MomentSums)
 TAP_ROWS_PER_BATCH = 256  # patches per batch for a factored H's k×k tap moments (only error estimates use them)
 BATCH = 16
+# The default budget for held moments: this share of the memory available when a pass starts (a 1B
+# decoder's 40 consumers hold 2.9 GB of float32 moments: one pass on a 24 GiB machine)
+MEMORY_SHARE = 0.4
 T = TypeVar("T")
 
 
@@ -85,13 +88,14 @@ class MomentSums:
 
     Rows are sampled by a generator seeded per consumer, so a consumer's moments do not depend on
     which other consumers share the pass. An exact view's rows are gathered until FLUSH_ROWS, then
-    go into one float32 Gram product added into the float64 sum: a batch-1 ResNet-50 gives its last
-    stage 49 rows a batch, and a d² pass per 49 rows (2048² for the widest) cost more than the product."""
+    go into one float32 Gram product added into a float32 sum (a few products each, summed where
+    they are: float64 sums doubled the memory of a pass, 5.8 GB on a 1B decoder): a batch-1 ResNet-50
+    gives its last stage 49 rows a batch, and a d² pass per 49 rows cost more than the product."""
 
     def __init__(self, views: list[LinearView], seed: int) -> None:
         self.views = views
-        self.rngs = {v.node: np.random.default_rng([seed, zlib.crc32(v.node.encode())]) for v in views}
-        self.sums: dict[str, NDArray[np.float64]] = {}
+        self.rngs = row_generators(views, seed)
+        self.sums: dict[str, NDArray[Any]] = {}
         self.tap_sums: dict[str, NDArray[np.float64]] = {}
         self.pending: dict[str, list[NDArray[np.float32]]] = {v.node: [] for v in views}
         self.threads, self.blas = runtime.idle_cpus(), ThreadpoolController()  # the controller scans libraries once
@@ -114,8 +118,8 @@ class MomentSums:
                 self._flush(v.node)
 
     def _flush(self, node: str) -> None:
-        """Add the gathered rows' [x; 1] moments: one float32 GEMM (1.6x faster than float64), summed
-        in float64; the constant column is the rows' sums, so no widened copy is made."""
+        """Add the gathered rows' [x; 1] moments: one float32 GEMM (1.6x faster than float64); the
+        constant column is the rows' sums (in float64), so no widened copy is made."""
         parts = self.pending[node]
         if not parts:
             return
@@ -123,7 +127,7 @@ class MomentSums:
         parts.clear()
         d = rows.shape[1]
         if node not in self.sums:
-            self.sums[node] = np.zeros((d + 1, d + 1))
+            self.sums[node] = np.zeros((d + 1, d + 1), dtype=np.float32)
         total = self.sums[node]
         with self.blas.limit(limits=self.threads, user_api="blas"):  # syrk: the same bits on any count
             total[:d, :d] += rows.T @ rows
@@ -147,7 +151,7 @@ class MomentSums:
         patches = v.columns(x, TAP_ROWS_PER_BATCH, self.rngs[v.node], taps_first=True)  # [rows, k, C]
         flat = np.ascontiguousarray(patches.transpose(1, 0, 2)).reshape(v.block, -1)  # [k, rows·C]
         s = (flat @ flat.T).astype(np.float64)
-        self.sums[v.node] = self.sums[v.node] + a if v.node in self.sums else a
+        self.sums[v.node] = self.sums[v.node] + a if v.node in self.sums else a  # float64: C² is small
         self.tap_sums[v.node] = self.tap_sums[v.node] + s if v.node in self.tap_sums else s
         self.count[v.node] += x.shape[0] * pairs
 
@@ -169,48 +173,123 @@ class MomentSums:
         return out
 
 
+def row_generators(views: list[LinearView], seed: int) -> dict[str, np.random.Generator]:
+    """One generator per consumer for its sampled rows: what it samples does not depend on its company."""
+    return {v.node: np.random.default_rng([seed, zlib.crc32(v.node.encode())]) for v in views}
+
+
 def layer_moments(model: ModelProto, views: list[LinearView], feeds: Iterable[dict[str, NDArray[Any]]],
                   seed: int, samples: int = 0, progress: Callable[[float], None] | None = None,
-                  arrays: runtime.Arrays | None = None) -> dict[str, Moments]:
+                  arrays: runtime.Arrays | None = None, exposed: list[str] | None = None) -> dict[str, Moments]:
     """E[[x; 1][x; 1]ᵀ] over each view's input columns: one onnxruntime pass, streamed batch by batch.
-    (Running onnxruntime a batch ahead on a thread saved no wall time on ResNet-50 on 2 cores and
-    cost 9 CPU-s more, measured: its intra-op threads already fill the second core.)"""
+    `exposed`: the activations the session returns (default: the views'); a pass over some views gives
+    them the same bits as one over all when it exposes the same outputs (onnxruntime fuses differently
+    around an exposed tensor). (Running onnxruntime a batch ahead on a thread saved no wall time on
+    ResNet-50 on 2 cores and cost 9 CPU-s more, measured: its intra-op threads already fill the second core.)"""
     acc = MomentSums(views, seed)
-    sess = runtime.probe_session(model, acc.names, arrays)
+    names = exposed or acc.names
+    sess = runtime.probe_session(model, names, arrays)
     done = 0
     for batch in feeds:
-        acc.add(runtime.run(sess, batch, acc.names))
+        acc.add(runtime.run(sess, batch, names))
         done += len(next(iter(batch.values())))
         if progress and samples:  # the pass is most of an OBS run: let users see it move
             progress(min(1.0, done / samples))
     return acc.means()
 
 
-class LayerStatistics:
-    """Each consumer's moments, computed on first request and kept.
+def moment_bytes(v: LinearView) -> int:
+    """About what a view's moments take while held: float32 (d+1)² exact, float64 factored."""
+    if v.kron:
+        return 8 * ((v.keep.size + 1) ** 2 + v.block**2)
+    return 4 * (v.keep.size * v.block + 1) ** 2
 
-    The OBS criterion asks for every consumer of a prunable group before selection; compensation then
-    asks for the pruned ones and finds them here, so onnxruntime runs the statistics pass once."""
+
+class LayerStatistics:
+    """Each consumer's moments, computed when first asked for and held while they fit a memory budget.
+
+    The OBS criterion scores every consumer of a prunable group before selection; compensation then
+    needs the pruned ones and finds them held, so onnxruntime runs the statistics pass once, when
+    they all fit (`cfg.obs_memory` bytes, else MEMORY_SHARE of the available memory). When they do
+    not, views are taken in chunks that fit, one pass each, and none are held: peak memory is the
+    budget, whatever the model's depth, at the price of more passes. Every pass exposes the same
+    activations and rows are sampled per consumer, so the moments, and the pruned model, are the
+    same bits under any budget."""
 
     def __init__(self, graph: DependencyGraph, specs: list[InputSpec], cfg: PruneConfig, kind: str = "mixed",
                  progress: Callable[[float], None] | None = None) -> None:
         self.graph, self.specs, self.cfg, self.kind, self.progress = graph, specs, cfg, kind, progress
         self.source = "identity" if cfg.hessian_source == "identity" else ""
         self.passes = 0
-        self._cache: dict[str, Moments] = {}
+        self.budget = cfg.obs_memory
+        self._held: dict[str, Moments] = {}
+        self._exposed: list[str] = []
 
-    def get(self, views: list[LinearView]) -> dict[str, Moments]:
-        """Each view's moments, Kronecker-factored (`obs.Kron`) for the views `factored` picks."""
-        missing = [replace(v, kron=factored(v, self.cfg)) for v in views if v.node not in self._cache]
-        if missing and self.source == "identity":
-            self._cache.update({v.node: Kron(np.eye(v.keep.size + 1), np.eye(v.block)) if v.kron
-                                else np.eye(v.matrix(self.graph.const(v.weight)).shape[1] + 1) for v in missing})
-        elif missing:
-            self.source, feeds = input_batches(self.graph.model, self.specs, self.cfg, self.kind, self.cfg.seed + 1)
-            self._cache.update(layer_moments(self.graph.model, missing, feeds, self.cfg.seed, self.cfg.samples,
-                                             self.progress, self.graph.known_const))
-            self.passes += 1
-        return {v.node: self._cache[v.node] for v in views}
+    def each(self, views: list[LinearView], fn: Callable[[LinearView, Moments], T], keep: bool = True) -> list[T]:
+        """`fn(view, moments)` for every view (on `per_layer`'s threads), in order; the view comes
+        Kronecker-flagged as `factored` picks. `keep=False`: the last use, the moments are let go."""
+        views = [replace(v, kron=factored(v, self.cfg)) for v in views]
+        self._exposed = list(dict.fromkeys([*self._exposed, *(v.x for v in views)]))
+        held = [v for v in views if v.node in self._held]
+        todo = [v for v in views if v.node not in self._held]
+        out = _apply(fn, held, self._held)
+        if not keep:
+            for v in held:
+                del self._held[v.node]
+        chunks = self._chunks(todo)
+        for i, chunk in enumerate(chunks):
+            moments = self._compute(chunk, i, len(chunks))
+            out.update(_apply(fn, chunk, moments))
+            if keep and len(chunks) == 1:
+                self._held.update(moments)
+        return [out[v.node] for v in views]
+
+    def clear(self) -> None:
+        self._held.clear()
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "passes": self.passes, "budget_bytes": self.budget}
+
+    def _chunks(self, views: list[LinearView]) -> list[list[LinearView]]:
+        """`views` in order, in chunks whose moments fit the budget beside what is held (all held
+        moments are let go when that leaves no room); a view over the budget alone is a chunk alone."""
+        if not views:
+            return []
+        if not self.budget:
+            self.budget = max(1 << 28, int(MEMORY_SHARE * runtime.available_memory()))
+        need = [moment_bytes(v) for v in views]
+        if sum(need) + sum(_nbytes(h) for h in self._held.values()) > self.budget:
+            self._held.clear()
+        room = self.budget - sum(_nbytes(h) for h in self._held.values())
+        chunks: list[list[LinearView]] = [[]]
+        size = 0
+        for v, b in zip(views, need, strict=True):
+            if chunks[-1] and size + b > room:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(v)
+            size += b
+        return chunks
+
+    def _compute(self, chunk: list[LinearView], index: int, count: int) -> dict[str, Moments]:
+        if self.source == "identity":
+            return {v.node: Kron(np.eye(v.keep.size + 1), np.eye(v.block)) if v.kron
+                    else np.eye(v.matrix(self.graph.const(v.weight)).shape[1] + 1, dtype=np.float32) for v in chunk}
+        self.source, feeds = input_batches(self.graph.model, self.specs, self.cfg, self.kind, self.cfg.seed + 1)
+        report = self.progress
+        progress = (lambda f: report((index + f) / count)) if report else None
+        self.passes += 1
+        return layer_moments(self.graph.model, chunk, feeds, self.cfg.seed, self.cfg.samples, progress,
+                             self.graph.known_const, self._exposed)
+
+
+def _apply(fn: Callable[[LinearView, Moments], T], views: list[LinearView], moments: dict[str, Moments]
+           ) -> dict[str, T]:
+    return dict(zip([v.node for v in views], per_layer(lambda v: fn(v, moments[v.node]), views), strict=True))
+
+
+def _nbytes(h: Moments) -> int:
+    return h.a.nbytes + h.s.nbytes if isinstance(h, Kron) else h.nbytes
 
 
 def compensate(graph: DependencyGraph, removed_elem: NDArray[np.bool_], specs: list[InputSpec],
@@ -244,9 +323,9 @@ def _compensate(graph: DependencyGraph, removed_elem: NDArray[np.bool_], statist
     views = linear_views(graph, removed_elem)
     if not views:
         return Compensation()
-    stats = statistics.get(views)
+    fits = statistics.each(views, lambda v, h: _compensate_layer(graph, v, h, cfg.damping), keep=False)
     comp = Compensation(source=statistics.source)
-    for fitted in per_layer(lambda v: _compensate_layer(graph, v, stats[v.node], cfg.damping), views):
+    for fitted in fits:
         comp.overrides.update(fitted.overrides)
         comp.fits.append(fitted.fit)
         comp.layers.append(fitted.layer)
@@ -308,9 +387,59 @@ def measure_layers(graph: DependencyGraph, comp: Compensation, held_out: dict[st
     of its dense inputs, compensated and plainly pruned: where the fit generalises and where it does not.
     A layer fitted on factored moments is measured on factored H₂ too (its "hessian" says so)."""
     for (v, fitted), layer in zip(comp.fits, comp.layers, strict=True):
+        if v.node not in held_out:
+            continue
         aug, h2 = augmented(graph, v, held_out[v.node])
         removed = v.removed_columns()
-        total = energy(aug, h2) or 1.0
-        layer["measured_rel_error"] = energy(fitted - aug, h2) / total
         # plainly pruned, the error is just the removed columns' contribution
-        layer["measured_rel_error_uncompensated"] = energy(aug[:, removed], _restricted(h2, removed)) / total
+        _record(layer, energy(fitted - aug, h2), energy(aug[:, removed], _restricted(h2, removed)), energy(aug, h2))
+
+
+def _record(layer: dict[str, Any], compensated: float, plain: float, total: float) -> None:
+    layer["measured_rel_error"] = compensated / (total or 1.0)
+    layer["measured_rel_error_uncompensated"] = plain / (total or 1.0)
+
+
+class HeldOutErrors:
+    """`measure_layers` on held-out inputs fed batch by batch, without d×d moments for the exact layers:
+    their errors are summed from the sampled input rows X themselves, ‖X·ΔAᵀ‖² (the same number as
+    tr(ΔA H₂ ΔAᵀ) on those rows; a 1B decoder's held-out moments took 5.8 GB). Factored layers are
+    measured on factored moments (`MomentSums`)."""
+
+    def __init__(self, graph: DependencyGraph, comp: Compensation, seed: int) -> None:
+        self.graph, self.comp = graph, comp
+        self.exact = [(v, fitted) for v, fitted in comp.fits if not v.kron]
+        self.factored = MomentSums([v for v, _ in comp.fits if v.kron], seed)
+        self.rngs = row_generators([v for v, _ in self.exact], seed)
+        self.sums = {v.node: np.zeros(3) for v, _ in self.exact}  # compensated, plain, total error energy
+
+    @property
+    def names(self) -> list[str]:
+        return list(dict.fromkeys([*(v.x for v, _ in self.exact), *self.factored.names]))
+
+    def add(self, acts: dict[str, NDArray[Any]]) -> None:
+        self.factored.add(acts)
+        for v, fitted in self.exact:
+            rows = v.columns(acts[v.x], MAX_ROWS_PER_BATCH, self.rngs[v.node])
+            w = v.matrix(self.graph.const(v.weight))
+            y = rows @ w.T.astype(np.float32)
+            if v.bias:
+                bias = np.asarray(self.graph.const(v.bias), dtype=np.float32).reshape(-1)
+                y += bias
+                y_fit = rows @ fitted[:, :-1].T.astype(np.float32) + fitted[:, -1].astype(np.float32)
+            else:
+                y_fit = rows @ fitted.T.astype(np.float32)
+            removed = v.removed_columns()
+            lost = rows[:, removed] @ w[:, removed].T.astype(np.float32)
+            self.sums[v.node] += [_sq(y_fit - y), _sq(lost), _sq(y)]
+
+    def finish(self) -> None:
+        measure_layers(self.graph, self.comp, self.factored.means())
+        for (v, _), layer in zip(self.comp.fits, self.comp.layers, strict=True):
+            if v.node in self.sums:
+                _record(layer, *self.sums[v.node].tolist())
+
+
+def _sq(a: NDArray[np.float32]) -> float:
+    flat = a.reshape(-1).astype(np.float64)
+    return float(flat @ flat)

@@ -58,6 +58,9 @@ class PruneConfig:
     # Conv consumers with more im2col columns (C_in × kernel area) than this hold H Kronecker-factored,
     # channels ⊗ kernel taps (O(C²) statistics and O(C³) solves instead of O(C²k²), O(C³k⁶)); 0: every Conv
     kron_columns: int = 1024
+    # bytes the OBS statistics may hold at once (0: 40% of the memory available when they start); past
+    # it they are computed in several onnxruntime passes, to the same result
+    obs_memory: int = 0
     # Recovery (graphprune[recover], torch): distil the pruned model from the dense one after one-shot
     # pruning, on the calibration inputs when given, else on synthetic ones; "none" keeps one-shot
     recover: Recovery = "none"
@@ -115,6 +118,8 @@ class PruneConfig:
             raise UsageError(f"damping must be in [0, 10), got {self.damping}")
         if self.kron_columns < 0:
             raise UsageError(f"kron_columns must be >= 0, got {self.kron_columns}")
+        if self.obs_memory < 0:
+            raise UsageError(f"obs_memory must be >= 0 bytes (0: 40% of the available memory), got {self.obs_memory}")
         if self.recover not in RECOVERIES:
             raise UsageError(f"recover must be one of {', '.join(RECOVERIES)}, got {self.recover!r}")
         if self.recover_steps is not None and self.recover_steps < 0:

@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from onnx import NodeProto
 from threadpoolctl import threadpool_limits
 
-from graphprune.compensate import LayerStatistics, augmented, per_layer
+from graphprune.compensate import LayerStatistics, augmented
 from graphprune.config import PruneConfig
 from graphprune.consumers import LinearView, linear_views
 from graphprune.depgraph import Consume, DependencyGraph
@@ -241,8 +241,7 @@ def _obs_scores(ctx: ScoringContext) -> tuple[dict[int, Scores], dict[str, Any]]
     scores = {g.id: np.zeros(g.size) for g in grouping.prunable}
     free_root = _free_roots(grouping)
     views = linear_views(graph, free_root[grouping.roots])
-    stats = ctx.statistics.get(views)
-    for units, errors in per_layer(lambda v: _view_errors(ctx, v, stats[v.node], free_root), views):
+    for units, errors in ctx.statistics.each(views, lambda v, h: _view_errors(ctx, v, h, free_root)):
         for r, e in zip(units, errors, strict=True):
             gid, unit = grouping.unit_group[r]
             scores[gid][unit] += e

@@ -35,6 +35,26 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def available_memory() -> int:
+    """Bytes this process could still allocate: the kernel's MemAvailable, or less where a cgroup
+    (a container's memory limit) leaves less; without /proc, the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            avail = min(avail, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
 def idle_cpus(window_s: float = 0.1) -> int:
     """Of those cores, how many other processes leave free now, for BLAS threads: OpenBLAS workers
     busy-wait, and against a busy core they lose more than they add. ResNet-50 with default OBS on 2

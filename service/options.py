@@ -32,7 +32,8 @@ JOB_OPTIONS = frozenset({SOURCE, REGISTER_AS})  # job options that are not Prune
 # A job's recovery trains for at most this share of the job timeout, so it stops with a result (the best
 # checkpoint, or the one-shot model) instead of being killed at the timeout with none.
 RECOVER_SHARE = 0.5
-CAPS = {"max_model_bytes": "max_model_bytes", "samples": "max_samples", "latency_runs": "max_latency_runs"}
+CAPS = {"max_model_bytes": "max_model_bytes", "samples": "max_samples", "latency_runs": "max_latency_runs",
+        "obs_memory": "max_obs_memory"}
 MAX_JSON_CHARS, MAX_JSON_DEPTH = 1 << 16, 8  # client JSON (config, mapping options): size and nesting
 
 

@@ -43,13 +43,15 @@ class Settings:
     # library's default or the cap, whichever is lower): a client cannot lift a server-side limit.
     max_model_bytes: int = 4 * 1024**3  # the load-time budget of declared tensor bytes (model bombs)
     max_samples: int = 1024  # inputs for the OBS statistics
+    max_obs_memory: int = 8 * 1024**3  # the most a job's `obs_memory` may ask for (unasked: 40% of what is free)
     max_latency_runs: int = 50
     max_input_values: int = 1 << 24  # elements of one input's concrete shape (input_shapes)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
         positive = ("max_upload_bytes", "max_concurrent_jobs", "queue_limit", "job_timeout_s", "max_attempts",
-                    "ray_job_cpus", "ray_schedule_timeout_s", "max_model_bytes", "max_samples", "max_input_values")
+                    "ray_job_cpus", "ray_schedule_timeout_s", "max_model_bytes", "max_samples", "max_input_values",
+                    "max_obs_memory")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")

@@ -51,6 +51,19 @@ def test_a_model_that_cannot_be_written_still_leaves_its_report(demo: Path, tmp_
     assert json.loads(rep.read_text())["groups"]["pruned"] == 5
 
 
+def test_obs_memory_takes_sizes_and_is_reported(demo: Path, tmp_path: Path) -> None:
+    rep = tmp_path / "r.json"
+    for size, budget in (("1.5K", 1536), ("2M", 2 << 20), ("4096", 4096)):
+        assert main(["prune", str(demo), str(tmp_path / "o.onnx"), "--sparsity", "0.3", "--obs-memory", size,
+                     "--report", str(rep), "-q", "--latency-runs", "0", "--samples", "8"]) == 0
+        report = json.loads(rep.read_text())
+        assert report["config"]["obs_memory"] == budget
+        assert report["compensation"]["statistics"]["budget_bytes"] == budget
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", str(demo), str(tmp_path / "o.onnx"), "--sparsity", "0.3", "--obs-memory", "lots"])
+    assert exit_.value.code == 2
+
+
 def test_inspect_json(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(demo), "--json", "--members"]) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -17,7 +17,7 @@ import pytest
 from graphprune import api, cli, runtime
 from graphprune import compensate as comp_mod
 from graphprune.api import analyze
-from graphprune.compensate import LayerStatistics, compensate, measure_layers
+from graphprune.compensate import HeldOutErrors, LayerStatistics, MomentSums, compensate, measure_layers
 from graphprune.config import PruneConfig
 from graphprune.groups import Group
 from graphprune.importance import ScoringContext, criterion
@@ -151,7 +151,8 @@ def test_measured_error_on_the_fitting_statistics_is_the_predicted_one(kron: int
     an, cfg, stats, _, _ = _scored(_net(third=third), damping=0.0, kron_columns=kron)
     removed = _removed_elements(an, _c1_group(an), [0, 2, 5])
     comp = compensate(an.graph, removed, an.specs, cfg, statistics=stats)
-    measure_layers(an.graph, comp, stats.get([v for v, _ in comp.fits]))
+    views = [v for v, _ in comp.fits]
+    measure_layers(an.graph, comp, dict(zip([v.node for v in views], stats.each(views, lambda v, h: h), strict=True)))
     for layer in comp.layers:
         assert layer["measured_rel_error"] == pytest.approx(layer["predicted_rel_error"], rel=1e-6, abs=1e-12)
         assert layer["measured_rel_error"] < layer["measured_rel_error_uncompensated"]
@@ -242,3 +243,45 @@ def test_an_upsampling_conv_transpose_is_compensated_like_a_conv(kron: int) -> N
     want, got, cut = ({out: runtime.run(runtime.probe_session(m, [out]), feeds, [out])[out]}
                       for m in (dense, res.model, plain))
     assert relative_error(want, got) < 0.6 * relative_error(want, cut)
+
+
+def test_a_small_statistics_budget_takes_more_passes_to_the_same_pruned_model(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: past `obs_memory` the moments are computed in chunks, one pass each, and none are held;
+    the pruned model must not depend on it (rows sampled per consumer, the same activations exposed)."""
+    calls = _counting(monkeypatch)
+    whole = api.prune(_net(), sparsity=0.4, samples=32, latency_runs=0)
+    assert len(calls) == 1 and whole.report.compensation["statistics"]["passes"] == 1
+    viewed = calls[0]
+    calls.clear()
+    tight = api.prune(_net(), sparsity=0.4, samples=32, latency_runs=0, obs_memory=1)
+    compensated = len(tight.report.compensation["layers"])
+    assert calls == [1] * (viewed + compensated)  # one consumer a pass, scoring then compensation again
+    assert tight.report.compensation["statistics"] == {"source": "synthetic:mixed", "passes": viewed + compensated,
+                                                       "budget_bytes": 1}
+    assert tight.report.compensation["layers"] == whole.report.compensation["layers"]
+    for a, b in zip(whole.model.graph.initializer, tight.model.graph.initializer, strict=True):
+        assert a.name == b.name
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+@KRON
+def test_held_out_errors_summed_from_rows_are_the_moments_measurement(kron: int) -> None:
+    """The self-check measures exact layers from their sampled input rows instead of d×d held-out moments:
+    the same numbers as `measure_layers` on the moments of those rows."""
+    an, cfg, stats, _, _ = _scored(_net(), kron_columns=kron)
+    comp = compensate(an.graph, _removed_elements(an, _c1_group(an), [1, 2, 5]), an.specs, cfg, statistics=stats)
+    streamed = HeldOutErrors(an.graph, comp, seed=7)
+    sums = MomentSums([v for v, _ in comp.fits], seed=7)
+    sess = runtime.probe_session(an.model, streamed.names)
+    for batch in batches(an.specs, 32, 16, "blobs", 5):
+        acts = runtime.run(sess, batch, streamed.names)
+        streamed.add(acts)
+        sums.add(acts)
+    streamed.finish()
+    from_rows = [dict(layer) for layer in comp.layers]
+    measure_layers(an.graph, comp, sums.means())
+    assert len(from_rows) == 2 and all(lay["measured_rel_error"] > 0 for lay in from_rows)
+    for rows, moments in zip(from_rows, comp.layers, strict=True):
+        for key in ("measured_rel_error", "measured_rel_error_uncompensated"):
+            assert rows[key] == pytest.approx(moments[key], rel=1e-4)

@@ -152,10 +152,11 @@ async def test_bad_options_are_422_before_upload(settings: Make, params: dict[st
 
 async def test_clients_cannot_lift_the_servers_limits(settings: Make) -> None:
     """max_model_bytes=1e15 used to switch the model-bomb budget off; samples and latency runs were unbounded."""
-    async with asgi(settings(max_samples=64, max_latency_runs=3)) as api:
+    async with asgi(settings(max_samples=64, max_latency_runs=3, max_obs_memory=1 << 30)) as api:
         for params, words in (({"max_model_bytes": 10**15}, ["max_model_bytes", "GRAPHPRUNE_MAX_MODEL_BYTES"]),
                               ({"samples": 65}, ["samples 65", "limit of 64", "GRAPHPRUNE_MAX_SAMPLES"]),
                               ({"latency_runs": 4}, ["latency_runs", "GRAPHPRUNE_MAX_LATENCY_RUNS"]),
+                              ({"obs_memory": 2 << 30}, ["obs_memory", "GRAPHPRUNE_MAX_OBS_MEMORY"]),
                               ({"input_shapes": json.dumps({"input": [1, 3, 4096, 4096]})},
                                ["50,331,648 elements", "GRAPHPRUNE_MAX_INPUT_VALUES"])):
             _problem(await api.submit(**params), 422, *words)
@@ -163,6 +164,9 @@ async def test_clients_cannot_lift_the_servers_limits(settings: Make) -> None:
     capped = settings(max_samples=64)
     assert options.capped({"samples": 32}, capped)["samples"] == 32
     assert options.capped({}, capped)["samples"] == 64  # unset: the cap, being under the default 128
+    # unasked, the OBS statistics take the library's budget (40% of the memory available), asked, up to the cap
+    assert "obs_memory" not in options.capped({}, capped)
+    assert options.capped({"obs_memory": 1 << 20}, capped)["obs_memory"] == 1 << 20
 
 
 async def test_options_follow_prune_config(settings: Make) -> None:
