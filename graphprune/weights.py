@@ -44,6 +44,7 @@ __all__ = [
     "mappable",
     "mapped_nbytes",
     "mark_mapped",
+    "sweep_scratch",
 ]
 
 # Tensors from this size are mapped rather than read (and spilled rather than held) when a model keeps
@@ -52,6 +53,7 @@ MAP_MIN_BYTES = 1024**2
 ALIGNMENT = 64 * 1024  # data offsets in written files: onnxruntime maps tensors that start on a page
 _KEY = "graphprune"
 _SCRATCH = "scratch"  # the identity of this process's own scratch files, which grow while written
+_SCRATCH_PREFIX = "graphprune-weights-"  # then the owning process's id and a random part
 _COPY_CHUNK = 1 << 30
 _maps: weakref.WeakValueDictionary[tuple[str, str], mmap.mmap] = weakref.WeakValueDictionary()
 
@@ -211,7 +213,8 @@ def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, length: in
 class Spill:
     """A scratch file that holds the large weights of a model built in this process (a pruned model
     whose source was mapped), so they are mapped like the source's instead of held in memory. Files
-    live in one temporary folder per process (`$TMPDIR`), removed at exit; `discard` drops one early."""
+    live in one temporary folder per process (`$TMPDIR`), removed at exit; `discard` drops one early,
+    `sweep_scratch` those of processes killed before their exit handlers ran."""
 
     _folder: Path | None = None
     _count = itertools.count()
@@ -224,7 +227,7 @@ class Spill:
     @classmethod
     def folder(cls) -> Path:
         if cls._folder is None:
-            cls._folder = Path(tempfile.mkdtemp(prefix="graphprune-weights-"))
+            cls._folder = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-"))
             atexit.register(shutil.rmtree, cls._folder, True)
         return cls._folder
 
@@ -246,6 +249,29 @@ class Spill:
 
     def close(self) -> None:
         self._file.close()
+
+
+def sweep_scratch(root: str | None = None) -> list[Path]:
+    """Remove the scratch folders (`Spill`) whose process is gone: a SIGKILLed worker leaves its pruned
+    weights behind, up to the model's size each. Returns what was removed."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{_SCRATCH_PREFIX}*-*"):
+        pid = folder.name.removeprefix(_SCRATCH_PREFIX).partition("-")[0]
+        if not pid.isdigit() or not folder.is_dir() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def discard(tensors: Iterable[TensorProto]) -> None:

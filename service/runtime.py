@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import IO
 
 from graphprune.errors import UsageError
+from graphprune.weights import sweep_scratch
 from service.artifacts import Artifacts, disk_full
 from service.executors import Executor, make_executor
 from service.jobs import DuplicateKeyError, Job, JobStore, Status
@@ -51,6 +52,7 @@ class Runtime:
         if requeued or failed:
             log.warning("recovered after a restart: %d job(s) re-queued, %d failed", requeued, failed)
         rt.artifacts.sweep(rt.store.ids())
+        sweep_scratch()
         metrics.watch(rt.store)
         await rt.executor.start()
         rt._janitor = asyncio.create_task(rt._purge_forever(), name="graphprune-janitor")
@@ -139,6 +141,9 @@ class Runtime:
         return job
 
     def purge_expired(self) -> int:
+        """Delete expired results, and the scratch weights of workers that were killed."""
+        for folder in sweep_scratch():
+            log.warning("removed %s: scratch weights of a worker that was killed", folder)
         expired = self.store.expired(time.time())
         for job_id in expired:
             self.artifacts.remove(job_id)

@@ -955,3 +955,22 @@ def test_a_data_file_changed_after_loading_is_refused(tmp_path: Path, monkeypatc
     with pytest.raises(InvalidModelError, match="changed after the model was loaded"):
         runtime.session(normalize(loaded))
     gw._maps.clear()
+
+
+def test_scratch_weights_of_killed_processes_are_swept(tmp_path: Path) -> None:
+    """A SIGKILLed worker cannot run its exit handler: the service sweeps its scratch folder later."""
+    import subprocess
+
+    from graphprune import weights as gw
+
+    proc = subprocess.Popen(["sleep", "0"])
+    proc.wait()
+    dead = tmp_path / f"graphprune-weights-{proc.pid}-abc"
+    mine = tmp_path / f"graphprune-weights-{os.getpid()}-xyz"
+    odd = tmp_path / "graphprune-weights-notapid-1"
+    for folder in (dead, mine, odd):
+        folder.mkdir()
+        (folder / "weights-0.data").write_bytes(b"\0" * 16)
+    assert gw.sweep_scratch(str(tmp_path)) == [dead]
+    assert not dead.exists() and mine.is_dir() and odd.is_dir()
+    assert gw.Spill.folder().name.startswith(f"graphprune-weights-{os.getpid()}-")
