@@ -118,6 +118,8 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=D1,D2,...",
                     help="concrete shape for a dynamic input (repeatable)")
     pr.add_argument("--report", type=Path, help="write the JSON report here")
+    pr.add_argument("--report-html", type=Path, metavar="FILE",
+                    help="write the report as one self-contained HTML page with plots")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--no-validate", dest="validate", action="store_false",
                     help="skip onnxruntime validation (not recommended)")
@@ -192,6 +194,8 @@ def _prune(args: argparse.Namespace) -> int:
         mlflow_io.register_result(result, name=args.register_as, source=origin, tracking_uri=args.tracking_uri)
     if args.report:  # first: what was pruned is known even if the model cannot be written
         args.report.write_text(result.report.to_json())
+    if args.report_html:
+        args.report_html.write_text(result.report.to_html(f"graphprune: {args.input.name}"))
     try:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         result.save(args.output)
@@ -217,7 +221,7 @@ def _local_input(args: argparse.Namespace, max_bytes: int) -> Iterator[Path]:
 
 def _submit(args: argparse.Namespace) -> int:
     from graphprune.client import Client
-    from graphprune.report import Report
+    from graphprune.report import Report, html
 
     remote = mlflow_io.is_model_uri(str(args.input))
     if not remote and not args.input.is_file():
@@ -228,6 +232,8 @@ def _submit(args: argparse.Namespace) -> int:
                               timeout=args.timeout, progress=_advance(bar))
     if args.report:
         args.report.write_text(json.dumps(report, indent=2))
+    if args.report_html:
+        args.report_html.write_text(html.render(report, f"graphprune: {args.input.name}"))
     kind = mlflow_io.RegisteredReport if "mlflow" in report else Report
     known = kind.__dataclass_fields__  # a server of another version may report more
     _done(args, kind(**{k: v for k, v in report.items() if k in known}).summary())

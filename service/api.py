@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from graphprune.report import html
 from service import options, problems, upload
 from service.jobs import Job, Status
 from service.metrics import CONTENT_TYPE
@@ -157,12 +158,16 @@ def get_result(job_id: str, rt: Rt, if_none_match: Annotated[str | None, Header(
 
 
 @jobs.get("/{job_id}/report", responses={
-    200: {"description": "the report (see README, 'The report')",
-          "content": {"application/json": {"schema": {"type": "object"}}}},
+    200: {"description": "the report (see README, 'The report'); with `Accept: text/html`, the same report as "
+                         "one self-contained HTML page with plots",
+          "content": {"application/json": {"schema": {"type": "object"}}, "text/html": {}}},
     **problems.responses(404, 409, 410)})
-def get_report(job_id: str, rt: Rt) -> Response:
+def get_report(job_id: str, rt: Rt, accept: Annotated[str, Header()] = "") -> Response:
     job = _job(rt, job_id)
-    return FileResponse(_artifact(rt, job, rt.artifacts.report(job_id)), media_type="application/json")
+    path = _artifact(rt, job, rt.artifacts.report(job_id))
+    if "text/html" in accept:
+        return HTMLResponse(html.render(json.loads(path.read_text()), f"graphprune job {job_id}"))
+    return FileResponse(path, media_type="application/json")
 
 
 @jobs.get("/{job_id}/events", response_class=StreamingResponse, responses={

@@ -61,6 +61,9 @@ async def test_upload_poll_download_delete(settings: Make) -> None:
         report = (await api.client.get(f"/v1/jobs/{job['id']}/report")).json()
         assert report["config"]["sparsity"] == 0.4 and report["groups"]["pruned"] > 0
         assert report["params"]["after"] < report["params"]["before"]
+        page = await api.client.get(f"/v1/jobs/{job['id']}/report", headers={"Accept": "text/html"})
+        assert page.headers["content-type"].startswith("text/html")
+        assert f"{report['params']['after']:,}" in page.text and "<svg" in page.text
 
         listing = (await api.client.get("/v1/jobs")).json()
         assert [j["id"] for j in listing["items"]] == [job["id"]] and listing["next_cursor"] is None

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from graphprune.report import html
+
 
 @dataclass
 class Report:
@@ -27,6 +29,9 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def to_html(self, title: str = "graphprune report") -> str:
+        return html.render(self.to_dict(), title)
 
     def summary(self) -> str:
         """A few human lines for the terminal."""
