@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
@@ -140,6 +140,10 @@ def get_job(job_id: str, rt: Rt) -> JobView:
     return JobView.of(_job(rt, job_id))
 
 
+@jobs.head("/{job_id}/result", response_class=FileResponse, summary="Headers of the result", responses={
+    200: {"description": "size and ETag of the pruned model, without the body",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    304: {"description": "If-None-Match matched"}, **problems.responses(404, 409, 410)})
 @jobs.get("/{job_id}/result", response_class=FileResponse, responses={
     200: {"description": "the pruned model", "content": {"application/octet-stream": {
         "schema": {"type": "string", "format": "binary"}}},
@@ -157,15 +161,23 @@ def get_result(job_id: str, rt: Rt, if_none_match: Annotated[str | None, Header(
                         headers={"ETag": etag})
 
 
+_REPORT = {"application/json": {"schema": {"type": "object"}}, "text/html": {}}
+
+
+@jobs.head("/{job_id}/report", summary="Headers of the report", responses={
+    200: {"description": "the report's headers, without the body", "content": _REPORT},
+    **problems.responses(404, 409, 410, 422)})
 @jobs.get("/{job_id}/report", responses={
-    200: {"description": "the report (see README, 'The report'); with `Accept: text/html`, the same report as "
-                         "one self-contained HTML page with plots",
-          "content": {"application/json": {"schema": {"type": "object"}}, "text/html": {}}},
-    **problems.responses(404, 409, 410)})
-def get_report(job_id: str, rt: Rt, accept: Annotated[str, Header()] = "") -> Response:
+    200: {"description": "the report (see README, 'The report'); with `Accept: text/html` (a browser) or "
+                         "`format=html`, the same report as one self-contained HTML page with plots",
+          "content": _REPORT},
+    **problems.responses(404, 409, 410, 422)})
+def get_report(job_id: str, rt: Rt, accept: Annotated[str, Header()] = "",
+               format: Annotated[Literal["json", "html"] | None, Query(
+                   description="json or html; overrides Accept")] = None) -> Response:
     job = _job(rt, job_id)
     path = _artifact(rt, job, rt.artifacts.report(job_id))
-    if "text/html" in accept:
+    if format == "html" or (format is None and "text/html" in accept):
         return HTMLResponse(html.render(json.loads(path.read_text()), f"graphprune job {job_id}"))
     return FileResponse(path, media_type="application/json")
 

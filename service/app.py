@@ -6,21 +6,26 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import resources
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 from graphprune import __version__
-from service import api, problems
+from service import api, page, problems
 from service.metrics import Metrics, RequestCounter
 from service.runtime import Runtime
 from service.settings import Settings
 
 DESCRIPTION = """Prune ONNX models over HTTP. `POST /v1/jobs` with the model as the body, follow
 `Location` (or its `/events`), then download `/result` and `/report`. Errors are
-`application/problem+json`."""
+`application/problem+json`. A person can use the page at `/`."""
+DOCS_ASSETS = "/static/docs"  # Swagger UI and ReDoc, served from the fastapi-offline wheel: /docs works offline
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -38,11 +43,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await rt.stop()
             app.state.runtime = None
 
-    app = FastAPI(title="graphprune", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="graphprune", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.add_middleware(RequestCounter, metrics=metrics)
     problems.install(app)
     app.include_router(api.jobs)
     app.include_router(api.health)
+    _add_pages(app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -50,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                  routes=app.routes)
             components = schema.setdefault("components", {})
             components.setdefault("schemas", {})["ProblemBody"] = problems.ProblemBody.model_json_schema()
+            problems.document_validation_errors(schema)
             if settings.api_token is None:  # this server takes no token: say so, or clients will send one
                 components.pop("securitySchemes", None)
                 for operations in schema["paths"].values():
@@ -60,6 +68,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _add_pages(app: FastAPI) -> None:
+    """`/` for a person, `/docs` and `/redoc` on bundled assets (FastAPI's defaults load them from a CDN,
+    which is a blank page offline)."""
+    assets = resources.files("fastapi_offline") / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page.index())
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} API",
+                              redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
 
 
 class DrainingServer(uvicorn.Server):

@@ -55,6 +55,18 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"description": HTTPStatus(s).phrase, "content": {MEDIA_TYPE: {"schema": schema}}} for s in statuses}
 
 
+def document_validation_errors(schema: dict[str, Any]) -> None:
+    """FastAPI documents its parameter-validation 422 as `application/json` with its own body; the
+    handler below sends problem+json, so the spec says that instead (and drops the unused schemas)."""
+    problem = responses(422)[422]
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if "422" in operation.get("responses", {}):
+                operation["responses"]["422"] = problem
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(unused, None)
+
+
 def install(app: FastAPI) -> None:
     async def on_problem(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Problem)

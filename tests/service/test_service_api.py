@@ -64,6 +64,13 @@ async def test_upload_poll_download_delete(settings: Make) -> None:
         page = await api.client.get(f"/v1/jobs/{job['id']}/report", headers={"Accept": "text/html"})
         assert page.headers["content-type"].startswith("text/html")
         assert f"{report['params']['after']:,}" in page.text and "<svg" in page.text
+        forced = await api.client.get(f"/v1/jobs/{job['id']}/report", params={"format": "json"},
+                                      headers={"Accept": "text/html"})
+        assert forced.json() == report
+        assert "<svg" in (await api.client.get(f"/v1/jobs/{job['id']}/report", params={"format": "html"})).text
+        head = await api.client.head(f"/v1/jobs/{job['id']}/result")
+        assert head.status_code == 200 and head.content == b"" and head.headers["etag"] == result.headers["etag"]
+        assert int(head.headers["content-length"]) == done["result_bytes"]
 
         listing = (await api.client.get("/v1/jobs")).json()
         assert [j["id"] for j in listing["items"]] == [job["id"]] and listing["next_cursor"] is None
@@ -326,7 +333,16 @@ async def test_operations_endpoints(settings: Make) -> None:
         spec = (await api.client.get("/openapi.json")).json()
         params = {p["name"] for p in spec["paths"]["/v1/jobs"]["post"]["parameters"]}
         assert {"sparsity", "target", "criterion", "config"} <= params and "calibration" not in params
-        assert "<html" in (await api.client.get("/docs")).text.lower()
+        for docs, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+            html = (await api.client.get(docs)).text
+            assert f"/static/docs/{asset}" in html and "cdn" not in html.lower()  # offline: nothing from a CDN
+            served = await api.client.get(f"/static/docs/{asset}")
+            assert served.status_code == 200 and len(served.content) > 100_000
+        assert spec["paths"]["/v1/jobs"]["get"]["responses"]["422"]["content"] == {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/ProblemBody"}}}
+        assert "HTTPValidationError" not in spec["components"]["schemas"]
+        index = (await api.client.get("/")).text
+        assert 'id="drop"' in index and 'data-option="sparsity"' in index and "<option>distill</option>" in index
         _problem(await api.client.get("/v1/nothing-here"), 404)
         _problem(await api.client.put("/v1/jobs"), 405)
         _problem(await api.client.get("/v1/jobs", params={"limit": 0}), 422, "limit")
