@@ -23,9 +23,11 @@ from benchmarks.accuracy import models, run
 pytestmark = pytest.mark.slow
 
 HALF = 0.5
-# Best-of(global, local) L2 magnitude pruning without compensation at -50% FLOPs, as measured when this
-# test was written. A large move means the selector changed: re-run the benchmark and update.
-RECORDED_MAGNITUDE = {"resnet": 0.443, "mobilenetv2": 0.119, "vit": 0.539, "mlp": 0.959}
+# Best-of(global, local) L2 magnitude pruning without compensation at -50% FLOPs, on nets trained fresh
+# (as CI does) with torch 2.13.0+cpu. A large move means the selector or the training changed: re-run the
+# benchmark and update. (ResNet was recorded at 0.443 on an older cached net; trained fresh, the same
+# selector gives 0.385 at every commit back to d0eb350.)
+RECORDED_MAGNITUDE = {"resnet": 0.385, "mobilenetv2": 0.119, "vit": 0.539, "mlp": 0.959}
 RECORD_TOLERANCE = 0.05
 # The wide MLP loses little to magnitude pruning at -50% (it does at -70%): no drop to show there.
 COLLAPSES_AT_HALF = ("resnet", "mobilenetv2", "vit")

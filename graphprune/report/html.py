@@ -16,7 +16,7 @@ h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
 text-align:left;vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .warn{background:#fff4e0;border-left:4px solid #f28e2b;padding:6px 10px;margin:4px 0}
-.ok{color:#2a7a2a}.bad{color:#b00020}.muted{color:#777;font-size:13px}.row{display:flex;gap:24px;flex-wrap:wrap}
+.ok{color:#2a7a2a}.bad{color:#b00020}.muted{color:#777;font-size:13px}.row{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
 code{font-size:12px}
 """
 
