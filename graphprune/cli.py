@@ -1,20 +1,23 @@
 """Command line: `graphprune prune`, `inspect`, `demo`, and `serve` / `submit` for the HTTP service.
 
-Exit codes (a contract other tools rely on):
-  0 success · 1 unexpected internal error · 2 usage error · 3 invalid or unsafe model ·
-  4 target impossible · 5 the pruned model failed validation (nothing was written)
-`submit` returns the same codes for the remote job (1 also when the server cannot be reached).
+Exit codes (a contract other tools rely on), one per cause whichever the command:
+  0 success · 1 unexpected internal error · 2 usage error (bad option, missing or unreadable input file,
+  missing output folder, an output that would overwrite the input) · 3 invalid or unsafe model ·
+  4 target impossible · 5 the pruned model failed validation (nothing was written) ·
+  6 the server cannot be reached (`submit`)
+`submit` returns the same codes for the remote job.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tqdm import tqdm
 
@@ -26,7 +29,15 @@ from graphprune.errors import GraphpruneError, UsageError
 from graphprune.importance import CRITERIA
 
 EPILOG = """exit codes: 0 ok, 1 internal error, 2 usage, 3 invalid model, 4 target impossible,
-5 validation failed"""
+5 validation failed, 6 server unreachable"""
+Progress = Callable[[str, float], None]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in two lines, not the whole usage block that buries the one line that matters."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\ntry '{self.prog} --help'\n")
 
 
 def _shape_arg(text: str) -> tuple[str, list[int]]:
@@ -51,10 +62,10 @@ def _size_arg(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="graphprune", description="Structured pruning of ONNX models, data-free.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="graphprune", description="Structured pruning of ONNX models, data-free.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"graphprune {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     pr = sub.add_parser("prune", help="prune a model", epilog=EPILOG)
     pr.add_argument("input", type=Path, help="an .onnx file, or an MLflow model URI (models:/NAME/VERSION, "
@@ -71,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="prune a bundled demo model and show the report")
     demo.add_argument("--out", type=Path, default=Path("graphprune-demo"))
-    demo.add_argument("--sparsity", type=float, default=0.3)
+    demo.add_argument("--sparsity", type=float, default=PruneConfig().sparsity)
 
     srv = sub.add_parser("serve", help="run the HTTP jobs service (settings: GRAPHPRUNE_* variables, see README)")
     srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
@@ -100,8 +111,10 @@ def _add_mlflow_options(p: argparse.ArgumentParser, local: bool) -> None:
 
 
 def _add_prune_options(pr: argparse.ArgumentParser) -> None:
-    """The pruning options `prune` and `submit` share."""
-    pr.add_argument("--sparsity", type=float, required=True, help="fraction of the target to remove, [0, 1)")
+    """The pruning options `prune` and `submit` share, with PruneConfig's defaults (the server's too)."""
+    defaults = PruneConfig()
+    pr.add_argument("--sparsity", type=float, default=defaults.sparsity,
+                    help=f"fraction of the target to remove, [0, 1) (default {defaults.sparsity:g})")
     pr.add_argument("--target", choices=TARGETS, default="channels")
     pr.add_argument("--criterion", choices=["auto", *sorted(CRITERIA)], default="auto",
                     help="unit importance: weight magnitude (l1, l2, lamp, bn), random, or obs (the OBS error of "
@@ -139,7 +152,6 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--obs-memory", type=_size_arg, default=0, metavar="SIZE",
                     help="memory the OBS statistics may hold at once, e.g. 4G (default: 40%% of what is available); "
                          "a smaller budget takes more passes over the model, to the same result")
-    defaults = PruneConfig()
     rec = pr.add_argument_group("recovery (pip install 'graphprune[recover]')")
     rec.add_argument("--recover", choices=RECOVERIES, default="none",
                      help="distill: after one-shot pruning, train the pruned model to match the dense one's outputs, "
@@ -172,23 +184,80 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _progress_bar(quiet: bool) -> tqdm[Any]:
-    return tqdm(total=100, desc="pruning", unit="%", disable=quiet, leave=False,
-                bar_format="{desc:<18}{bar}| {n:.0f}%")
+@contextmanager
+def _progress(quiet: bool) -> Iterator[Progress]:
+    """A tqdm bar on a terminal; plain lines when stderr is a log, which its carriage-return frames garble."""
+    if quiet:
+        yield lambda stage, frac: None
+    elif sys.stderr.isatty():
+        with tqdm(total=100, desc="pruning", unit="%", leave=False, bar_format="{desc:<18}{bar}| {n:.0f}%") as bar:
+            def advance(stage: str, frac: float) -> None:
+                bar.set_description_str(stage)
+                bar.update(frac * 100 - bar.n)
+
+            yield advance
+    else:
+        yield _LogProgress()
 
 
-def _advance(bar: tqdm[Any]) -> Callable[[str, float], None]:
-    def progress(stage: str, frac: float) -> None:
-        bar.set_description_str(stage)
-        bar.update(frac * 100 - bar.n)
+class _LogProgress:
+    """One line per stage change and at most one per 10% within a stage: short enough for CI logs."""
 
-    return progress
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.decile = -1
+
+    def __call__(self, stage: str, frac: float) -> None:
+        decile = int(frac * 10)
+        if stage != self.stage or decile > self.decile:
+            self.stage, self.decile = stage, decile
+            print(f"graphprune: {stage} {frac:.0%}", file=sys.stderr, flush=True)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse before the (possibly long) prune what would fail or destroy after it: a missing input or
+    output folder, or an output or report that is the input (or another output) under another name."""
+    local = not mlflow_io.is_model_uri(str(args.input))
+    written: list[tuple[str, Path]] = [("input", args.input)] if local else []
+    if local:
+        _require_file(args.input)
+    for role, path in (("output", args.output), ("--report", args.report), ("--report-html", args.report_html)):
+        if path is None:
+            continue
+        folder = path.parent
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist; create it first"
+            raise UsageError(f"folder {folder} of the {role} {path} {what}")
+        if path.is_dir():
+            raise UsageError(f"the {role} {path} is a folder; name a file in it")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"cannot write the {role} {path}: folder {folder} is not writable")
+        for other_role, other in written:
+            if _same_file(path, other):
+                fix = f"e.g. {other.with_name(f'{other.stem}.pruned{other.suffix}')}" if role == "output" else ""
+                raise UsageError(f"the {role} {path} is the {other_role} {other}: writing it would overwrite "
+                                 f"the {other_role}; give the {role} another name {fix}".rstrip())
+        written.append((role, path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Also through symlinks and hard links, which comparing names misses."""
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def _require_file(path: Path) -> None:
+    """A missing or unreadable input is a usage error (2) for every command, not an invalid model (3)."""
+    if not path.is_file():
+        raise UsageError(f"input model not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"cannot read the input model {path}: permission denied")
 
 
 def _prune(args: argparse.Namespace) -> int:
+    _check_paths(args)
     cfg = PruneConfig.from_dict(_options(args))
-    with _local_input(args, cfg.max_model_bytes) as source, _progress_bar(args.quiet) as bar:
-        result = prune(source, cfg, progress=_advance(bar))
+    with _local_input(args, cfg.max_model_bytes) as source, _progress(args.quiet) as progress:
+        result = prune(source, cfg, progress=progress)
     if args.register_as:
         origin = str(args.input) if mlflow_io.is_model_uri(str(args.input)) else str(args.input.absolute())
         mlflow_io.register_result(result, name=args.register_as, source=origin, tracking_uri=args.tracking_uri)
@@ -197,7 +266,6 @@ def _prune(args: argparse.Namespace) -> int:
     if args.report_html:
         args.report_html.write_text(result.report.to_html(f"graphprune: {args.input.name}"))
     try:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
         result.save(args.output)
     except OSError as exc:
         kept = f"; the report is in {args.report}" if args.report else ""
@@ -214,8 +282,6 @@ def _local_input(args: argparse.Namespace, max_bytes: int) -> Iterator[Path]:
         with mlflow_io.fetched(str(args.input), max_bytes=max_bytes, tracking_uri=args.tracking_uri) as path:
             yield path
         return
-    if not args.input.is_file():
-        raise UsageError(f"input model not found: {args.input}")
     yield args.input
 
 
@@ -223,13 +289,12 @@ def _submit(args: argparse.Namespace) -> int:
     from graphprune.client import Client
     from graphprune.report import Report, html
 
+    _check_paths(args)
     remote = mlflow_io.is_model_uri(str(args.input))
-    if not remote and not args.input.is_file():
-        raise UsageError(f"input model not found: {args.input}")
     extra = {"register_as": args.register_as} if args.register_as else {}
-    with Client(args.server, token=args.token) as client, _progress_bar(args.quiet) as bar:
+    with Client(args.server, token=args.token) as client, _progress(args.quiet) as progress:
         report = client.prune(str(args.input) if remote else args.input, args.output, {**_options(args), **extra},
-                              timeout=args.timeout, progress=_advance(bar))
+                              timeout=args.timeout, progress=progress)
     if args.report:
         args.report.write_text(json.dumps(report, indent=2))
     if args.report_html:
@@ -242,6 +307,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _done(args: argparse.Namespace, summary: str) -> None:
     if not args.quiet:
+        print(f"target  {args.target}, sparsity {args.sparsity:g}")
         print(summary)
         print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
 
@@ -256,6 +322,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    _require_file(args.input)
     an = analyze(args.input, input_shapes=dict(args.input_shape))
     summary = an.summary(members=args.members)
     if args.json:

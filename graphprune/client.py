@@ -8,7 +8,8 @@
         client.download(job["id"], "model.pruned.onnx")
 
 Errors are GraphpruneErrors, so callers (and `graphprune submit`) treat a remote prune like a local
-one: a failed job raises JobFailedError with the exit code `graphprune prune` would have used.
+one: a failed job raises JobFailedError with the exit code `graphprune prune` would have used, and a
+server that cannot be reached raises ServerUnreachableError (exit code 6).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from graphprune.errors import GraphpruneError
+from graphprune.errors import GraphpruneError, ServerUnreachableError, UsageError
 from graphprune.mlflow_io import is_model_uri
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -33,13 +35,13 @@ _CHUNK = 1 << 20
 
 
 class ServiceError(GraphpruneError):
-    """The server refused a request (or could not be reached); `problem` is its problem+json body."""
+    """The server refused a request or answered wrongly; `problem` is its problem+json body."""
 
     def __init__(self, message: str, status: int | None = None, problem: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.problem = problem or {}
-        # the CLI's codes: the body is not a usable model → 3, other refusals → 2, server or network → 1
+        # the CLI's codes: the body is not a usable model → 3, other refusals → 2, the server's fault → 1
         self.exit_code = 3 if status in (400, 413) else 2 if status and 400 <= status < 500 else 1
 
 
@@ -124,7 +126,8 @@ class Client:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as out, self._http.stream("GET", f"/v1/jobs/{job_id}/result") as response:
+            with (os.fdopen(fd, "wb") as out, self._reachable(),
+                  self._http.stream("GET", f"/v1/jobs/{job_id}/result") as response):
                 self._check(response)
                 digest = hashlib.sha256()
                 for chunk in response.iter_bytes(_CHUNK):
@@ -159,12 +162,22 @@ class Client:
         return self._send(method, url, **kwargs).json()
 
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        try:
+        with self._reachable():
             response = self._http.request(method, url, **kwargs)
-        except httpx.TransportError as exc:
-            raise ServiceError(f"cannot reach the graphprune server at {self.url}: {exc}") from exc
         self._check(response)
         return response
+
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """httpx's network errors as ServerUnreachableError: a cause of its own, worth a retry; a URL
+        without http(s):// is the caller's mistake, a usage error."""
+        try:
+            yield
+        except httpx.UnsupportedProtocol as exc:
+            raise UsageError(f"server URL {self.url!r} is not usable: {exc} (e.g. {DEFAULT_URL})") from exc
+        except httpx.TransportError as exc:
+            raise ServerUnreachableError(f"cannot reach the graphprune server at {self.url}: {exc}; "
+                                         "is `graphprune serve` running at that URL?") from exc
 
     @staticmethod
     def _check(response: httpx.Response) -> None:

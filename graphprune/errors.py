@@ -38,3 +38,9 @@ class ValidationFailedError(GraphpruneError):
     """The pruned model failed the checker, onnxruntime or the equivalence self-check."""
 
     exit_code = 5
+
+
+class ServerUnreachableError(GraphpruneError):
+    """No connection to the graphprune server (or it broke): retry or fix the URL, the model is not at fault."""
+
+    exit_code = 6

@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from graphprune.api import PruneResult
 from graphprune.cli import main
 from graphprune.demo import demo_model
 from graphprune.model import save_model
@@ -41,10 +42,13 @@ def test_prune_writes_model_and_report(demo: Path, tmp_path: Path) -> None:
 
 
 def test_a_model_that_cannot_be_written_still_leaves_its_report(demo: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("")  # a file where the output's folder should be: the model cannot be written
-    out, rep = blocker / "out.onnx", tmp_path / "r.json"
+    def full(*_: object) -> None:  # what a full disk does after the paths were checked
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PruneResult, "save", full)
+    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
     rc = main(["prune", str(demo), str(out), "--sparsity", "0.4", "--report", str(rep), "-q", "--latency-runs", "0"])
     assert rc == 1
     assert f"cannot write {out}" in capsys.readouterr().err
