@@ -9,12 +9,15 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
+from onnx import GraphProto
 
 from graphprune.config import PruneConfig
 from graphprune.cost import CostModel
 from graphprune.depgraph import DependencyGraph
 from graphprune.errors import TargetImpossibleError
 from graphprune.groups import Group, Grouping
+from graphprune.onnxutil import node_name
+from graphprune.protowalk import subgraphs
 
 TOLERANCE = 0.005
 
@@ -125,9 +128,9 @@ class Selector:
         if cfg.sparsity == 0:
             return self._plan({})
         if not self.cands:
-            raise TargetImpossibleError(
+            raise TargetImpossibleError(_control_flow(self.graph) or (
                 "no prunable group: every channel is coupled with something fixed "
-                "(run `graphprune inspect` to see why each group is blocked)")
+                "(run `graphprune inspect` to see why each group is blocked)"))
         if cfg.target == "channels":
             plan = (self.global_(int(cfg.sparsity * self.total_units)) if cfg.global_ranking
                     else self.local(cfg.sparsity))
@@ -159,3 +162,20 @@ class Selector:
             else:
                 lo = mid
         return best
+
+
+def _control_flow(graph: DependencyGraph) -> str | None:
+    """Why nothing is prunable when the computation sits in If/Loop/Scan bodies, which are never
+    rewritten: "coupled with something fixed" would send the user looking for the wrong cause."""
+    bodies = [(n, sub) for n in graph.model.graph.node for sub in subgraphs(n)]
+    inside = sum(_node_count(sub) for _, sub in bodies)
+    if not bodies or inside < len(graph.model.graph.node):
+        return None
+    names = ", ".join(sorted({f"{n.op_type} '{node_name(n)}'" for n, _ in bodies})[:3])
+    return (f"the graph is control flow: {inside} of its {inside + len(graph.model.graph.node)} nodes are inside "
+            f"the bodies of {names}, which graphprune does not rewrite; export the model without control flow "
+            "(trace it with fixed inputs, or fold the branch, e.g. onnxsim, when its condition is constant)")
+
+
+def _node_count(graph: GraphProto) -> int:
+    return sum(1 + sum(_node_count(sub) for sub in subgraphs(n)) for n in graph.node)

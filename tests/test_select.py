@@ -100,3 +100,38 @@ def test_lamp_formula() -> None:
     member = Member("w", 0, "out", np.arange(3), np.arange(3))
     s = Lamp().member_scores(weights, member, 3)
     np.testing.assert_allclose(s, [9 / 9, 1 / 14, 4 / 13])
+
+
+def _all_in_if() -> object:
+    """A model whose whole computation is the branches of an If (as some exporters wrap a dynamic
+    path): two Conv chains with their weights inside the bodies."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+
+    def body(tag: str) -> object:
+        w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), f"{tag}_w1")
+        w2 = numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), f"{tag}_w2")
+        nodes = [helper.make_node("Conv", ["input", w1.name], [f"{tag}_a"], pads=[1, 1, 1, 1]),
+                 helper.make_node("Relu", [f"{tag}_a"], [f"{tag}_r"]),
+                 helper.make_node("Conv", [f"{tag}_r", w2.name], [f"{tag}_y"])]
+        return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT,
+                                                                                 [1, 4, 8, 8])], [w1, w2])
+
+    nodes = [helper.make_node("ReduceSum", ["input"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["flag"]),
+             helper.make_node("If", ["flag"], ["y"], then_branch=body("then"), else_branch=body("else"), name="gate")]
+    graph = helper.make_graph(nodes, "wrapped", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                               [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_a_graph_inside_control_flow_is_named_as_the_cause() -> None:
+    model = _all_in_if()
+    x = np.ones((1, 3, 8, 8), np.float32)
+    assert _run(model, x).shape == (1, 4, 8, 8)  # a real, runnable model
+    with pytest.raises(graphprune.TargetImpossibleError, match="the graph is control flow: 6 of its 9 nodes "
+                                                               "are inside the bodies of If 'gate'"):
+        graphprune.prune(model, {"sparsity": 0.3})
