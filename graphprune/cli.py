@@ -4,7 +4,7 @@ Exit codes (a contract other tools rely on), one per cause whichever the command
   0 success · 1 unexpected internal error · 2 usage error (bad option, missing or unreadable input file,
   missing output folder, an output that would overwrite the input) · 3 invalid or unsafe model ·
   4 target impossible · 5 the pruned model failed validation (nothing was written) ·
-  6 the server cannot be reached (`submit`)
+  6 the server cannot be reached (`submit`) · 7 `submit --timeout` ran out (the job goes on)
 `submit` returns the same codes for the remote job.
 """
 
@@ -29,7 +29,7 @@ from graphprune.errors import GraphpruneError, UsageError
 from graphprune.importance import CRITERIA
 
 EPILOG = """exit codes: 0 ok, 1 internal error, 2 usage, 3 invalid model, 4 target impossible,
-5 validation failed, 6 server unreachable"""
+5 validation failed, 6 server unreachable, 7 --timeout ran out"""
 Progress = Callable[[str, float], None]
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from graphprune.errors import GraphpruneError, ServerUnreachableError, UsageError
+from graphprune.errors import GraphpruneError, ServerUnreachableError, UsageError, WaitTimeoutError
 from graphprune.mlflow_io import is_model_uri
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -103,7 +103,8 @@ class Client:
 
     def wait(self, job_id: str, *, timeout: float | None = None,
              progress: Callable[[str, float], None] | None = None) -> Job:
-        """Poll until the job ends; → the succeeded job, else JobFailedError (TimeoutError after `timeout`)."""
+        """Poll until the job ends; → the succeeded job, else JobFailedError (WaitTimeoutError, a
+        TimeoutError, after `timeout`: the job itself goes on)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         interval, seen = 0.05, None
         while True:
@@ -116,7 +117,9 @@ class Client:
             if job["status"] in ("failed", "cancelled"):
                 raise JobFailedError(job)
             if deadline is not None and time.monotonic() + interval > deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+                raise WaitTimeoutError(f"job {job_id} is still {job['status']} ({job['stage']}) after {timeout:g} s; "
+                                       f"it goes on on the server: follow /v1/jobs/{job_id}, or cancel it with "
+                                       "DELETE")
             time.sleep(interval)
             interval = min(interval * 1.5, 1.0)
 

@@ -44,3 +44,9 @@ class ServerUnreachableError(GraphpruneError):
     """No connection to the graphprune server (or it broke): retry or fix the URL, the model is not at fault."""
 
     exit_code = 6
+
+
+class WaitTimeoutError(GraphpruneError, TimeoutError):
+    """The remote job did not end within the time the caller would wait; it goes on on the server."""
+
+    exit_code = 7

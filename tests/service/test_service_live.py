@@ -118,6 +118,9 @@ def test_cli_submit_exit_codes(settings: Make, tmp_path: Path, capsys: pytest.Ca
         assert main(["submit", str(model), str(out), "--sparsity", "1.5", *common]) == 2
         assert main(["submit", str(model), str(out), "--sparsity", "0.99", "--target", "params", *common]) == 4
         assert "TargetImpossibleError" in capsys.readouterr().err
+        slow = ["--server", url, "-q", "--latency-runs", "0", "--recover", "distill", "--recover-steps", "100000"]
+        assert main(["submit", str(model), str(out), "--timeout", "0.5", *slow]) == 7
+        assert "goes on on the server" in capsys.readouterr().err
     assert main(["submit", str(model), str(out), "--sparsity", "0.3", "--server", url, "-q"]) == 6  # unreachable
 
 
