@@ -6,6 +6,7 @@ The CLI, the service worker and the benchmarks call these and nothing deeper.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from graphprune.depgraph import DependencyGraph
 from graphprune.errors import UsageError
 from graphprune.groups import Grouping, build_groups
 from graphprune.importance import ScoringContext, criterion, group_scores
-from graphprune.inputs import InputSpec, signature
+from graphprune.inputs import InputSpec, read_arrays, shape_warnings, signature
 from graphprune.loading import load_model
 from graphprune.model import save_model
 from graphprune.normalize import normalize
@@ -32,13 +33,19 @@ from graphprune.report import Report
 from graphprune.select import PrunePlan, Selector
 from graphprune.shapes import resolve_shapes
 from graphprune.surgery import apply_plan, masked_reference
-from graphprune.synthetic import batches
-from graphprune.validate import relative_error, tensor_dtypes, validate
+from graphprune.synthetic import batches, dynamic_batch
+from graphprune.validate import Feeds, relative_error, tensor_dtypes, validate
 from graphprune.weights import discard
 
 Source = str | os.PathLike[str] | bytes | ModelProto
 Progress = Callable[[str, float], None]
 SELF_CHECK_BATCHES = 2
+VALIDATION_SAMPLES = 64  # at least validate.TOP1_MIN_SAMPLES where the budgets allow
+VALIDATION_BATCH = 16
+VALIDATION_VALUES = 4_000_000  # input values validation holds (16 MB of float32)
+# multiply-accumulates per model pass; validation runs each model once, the masked original once more:
+# a ResNet-50 at 224x224 gets 4 samples, a 1B decoder at 32 tokens only its analysed batch, the demo 64
+VALIDATION_MACS = 20_000_000_000
 
 
 @dataclass
@@ -49,11 +56,17 @@ class Analysis:
     specs: list[InputSpec]
     cost: CostModel
 
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know before trusting the numbers: the input dims that were guessed."""
+        return shape_warnings(self.specs)
+
     def summary(self, members: bool = False) -> dict[str, Any]:
         groups = self.grouping.groups
         prunable = self.grouping.prunable
         return {
-            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in self.specs],
+            "inputs": [{**_input(s), "dtype": str(s.dtype)} for s in self.specs],
+            "warnings": self.warnings,
             "params": self.cost.params(),
             "flops": self.cost.macs(),
             "groups": {
@@ -64,6 +77,10 @@ class Analysis:
                 "list": [g.to_dict(members) for g in groups],
             },
         }
+
+
+def _input(spec: InputSpec) -> dict[str, Any]:
+    return {"name": spec.name, "shape": list(spec.shape), "source": spec.source}
 
 
 def _reason_counts(groups: list[Any]) -> dict[str, int]:
@@ -144,14 +161,19 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
         pruned, recovery = _recovered(an, cfg, pruned, lambda f: step("recover", 0.8 + 0.15 * f))
         lap("recover", 0.95)
     validation: dict[str, Any] = {}
+    warnings = an.warnings
     if cfg.validate:
         reference = masked_reference(an.graph, plan.removed_root, tensor_dtypes(an.model))
-        validation = validate(an.model, pruned, _validation_feeds(an, cfg), cfg.latency_runs,
-                              equivalence=(reference, plain), arrays=an.graph.known_const)
+        inputs, feeds, timing = _validation_feeds(an, cfg)
+        validation, checks = validate(an.model, pruned, feeds, cfg.latency_runs, timing=timing,
+                                      equivalence=(reference, plain), arrays=an.graph.known_const)
+        validation["inputs"] = inputs
+        warnings += checks
         lap("validate", 1.0)
     if pruned is not plain:
         discard(plain.graph.initializer)  # its scratch weights (a mapped model's) are not needed now
     report = _report(an, cfg, plan, validation, timings)
+    report.warnings = warnings
     report.compensation = comp.to_dict()
     if statistics.passes:
         report.compensation["statistics"] = statistics.describe()
@@ -173,10 +195,41 @@ def _recovered(an: Analysis, cfg: PruneConfig, pruned: ModelProto,
     return result.model, result.report
 
 
-def _validation_feeds(an: Analysis, cfg: PruneConfig) -> dict[str, NDArray[Any]]:
-    """Inputs in the model's own domain (smooth fields for images): fidelity on white noise says
-    little about a compensated model."""
-    return next(iter(batches(an.specs, 1, None, "blobs", cfg.seed)))
+def _validation_feeds(an: Analysis, cfg: PruneConfig) -> tuple[str, list[Feeds], Feeds]:
+    """(what they are, the batches fidelity is measured on, one batch at the analysed shape for latency).
+
+    Inputs in the model's own domain, `_validation_samples` of them: the calibration file's last rows
+    when one is given (the first ones fit the compensation), else smooth synthetic fields (fidelity on
+    white noise says little about a compensated model), the first batch at the analysed shape (so both
+    models run at the shape the user gave), the rest in batches of the model's fixed batch size or
+    VALIDATION_BATCH."""
+    analysed = next(iter(batches(an.specs, 1, None, "blobs", cfg.seed)))
+    samples = _validation_samples(an)
+    fixed = None if dynamic_batch(an.model) else _rows(an.specs)
+    if cfg.calibration:
+        arrays = read_arrays(cfg.calibration, an.specs)
+        rows = min(next(iter(arrays.values())).shape[0], -(-samples // fixed) * fixed if fixed else samples)
+        rows -= rows % fixed if fixed else 0
+        size = fixed or VALIDATION_BATCH
+        if rows:
+            return "calibration", [{k: v[-rows:][i:i + size] for k, v in arrays.items()}
+                                   for i in range(0, rows, size)], analysed
+    rest = batches(an.specs, samples - _rows(an.specs), None if fixed else VALIDATION_BATCH, "blobs", cfg.seed + 1)
+    return "synthetic:blobs", [analysed, *rest], analysed
+
+
+def _validation_samples(an: Analysis) -> int:
+    """Up to VALIDATION_SAMPLES, as far as VALIDATION_VALUES input values and VALIDATION_MACS per model
+    pass allow; the batch at the analysed shape runs in any case (a large model: only that one)."""
+    rows = _rows(an.specs)
+    values = max(1, sum(math.prod(s.shape) for s in an.specs)) / rows
+    macs = max(1, an.cost.macs()) / rows
+    return max(1, min(VALIDATION_SAMPLES, int(VALIDATION_VALUES / values), int(VALIDATION_MACS / macs)))
+
+
+def _rows(specs: list[InputSpec]) -> int:
+    """Samples in one batch at the analysed shape (the first input's first dim)."""
+    return specs[0].shape[0] if specs and specs[0].shape else 1
 
 
 def _self_checked(an: Analysis, cfg: PruneConfig, plain: ModelProto, removed_root: NDArray[np.bool_],
@@ -224,7 +277,7 @@ def _report(an: Analysis, cfg: PruneConfig, plan: PrunePlan, validation: dict[st
     graph = an.model.graph
     return Report(
         model={"nodes": len(graph.node), "opset": an.graph.opset, "ir_version": an.model.ir_version,
-               "inputs": [{"name": s.name, "shape": list(s.shape)} for s in an.specs],
+               "inputs": [_input(s) for s in an.specs],
                "outputs": [o.name for o in graph.output]},
         config=asdict(cfg),
         params={"before": an.cost.params(), "after": an.cost.params(plan.removed_root)},

@@ -81,13 +81,15 @@ def _summary(r: dict[str, Any]) -> str:
 
 def _latency(lat: dict[str, Any]) -> str:
     spread = lat.get("spread_ms") or {}
+    runs = int(lat.get("runs") or 0)
     extra = ""
     if spread:
-        extra = (f" median of {lat.get('runs', '?')} interleaved runs on {lat.get('threads', '?')} thread(s); "
+        how = "interleaved runs" if lat.get("interleaved", True) else "runs of each model in turn"
+        extra = (f" median of {runs} {how} on {lat.get('threads', '?')} thread(s); "
                  f"spread (IQR) {spread.get('before', 0):.3g} / {spread.get('after', 0):.3g} ms")
+    ratio = f" ({lat['before'] / lat['after']:.2f}x)" if runs != 1 else " (one run: no ratio)"
     noisy = ' <b class="bad">noisy: the spreads overlap, the ratio is not significant</b>' if lat.get("noisy") else ""
-    return (f"<p>latency {lat['before']:.3g} ms → {lat['after']:.3g} ms "
-            f"({lat['before'] / lat['after']:.2f}x){escape(extra)}{noisy}</p>")
+    return f"<p>latency {lat['before']:.3g} ms → {lat['after']:.3g} ms{ratio}{escape(extra)}{noisy}</p>"
 
 
 def _warnings(warnings: list[str]) -> str:

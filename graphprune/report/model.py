@@ -48,15 +48,12 @@ class Report:
         ]
         v = self.validation
         if v:
-            lat = v.get("latency_ms", {})
-            if lat.get("before") and lat.get("after"):
-                lines.append(f"latency {lat['before']:.2f} ms -> {lat['after']:.2f} ms "
-                             f"({lat['before'] / lat['after']:.2f}x)")
+            lines.extend(_latency_lines(v.get("latency_ms") or {}))
+            if v.get("samples"):
+                lines.append(f"validated on {v['samples']} input(s) ({v.get('inputs', 'synthetic')})")
             for o in v.get("outputs", []):
-                extra = f", top-1 agreement {o['top1_agreement']:.1%}" if "top1_agreement" in o else ""
                 if "cosine" in o:
-                    lines.append(f"output  {o['output']}: cosine {o['cosine']:.4f}, "
-                                 f"max rel err {o['max_rel_err']:.3g}{extra}")
+                    lines.append(_output_line(o))
             eq = v.get("equivalence")
             if eq:
                 lines.append(f"equivalence with the masked original: {'passed' if eq['passed'] else 'FAILED'}")
@@ -77,6 +74,31 @@ class Report:
                          f"({', '.join(ops)})")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _latency_lines(lat: dict[str, Any]) -> list[str]:
+    """Medians, with their spread; no ratio from a single run, and `noisy` where the spreads overlap."""
+    before, after, runs = lat.get("before"), lat.get("after"), lat.get("runs")
+    if not (before and after):
+        return []
+    head = f"latency {before:.2f} ms -> {after:.2f} ms"
+    if runs is None:  # a report from a version that did not count its runs
+        return [f"{head} ({before / after:.2f}x)"]
+    if runs < 2:
+        return [f"{head} (one run each: no ratio; raise --latency-runs)"]
+    spread = lat.get("spread_ms") or {}
+    how = "interleaved" if lat.get("interleaved", True) else "separate"
+    noisy = "; noisy: the spreads overlap, the ratio is not significant" if lat.get("noisy") else ""
+    return [f"{head} ({before / after:.2f}x; median of {runs} {how} runs on {lat.get('threads', '?')} thread(s), "
+            f"IQR {spread.get('before', 0):.2g} / {spread.get('after', 0):.2g} ms{noisy})"]
+
+
+def _output_line(o: dict[str, Any]) -> str:
+    cosine = "n/a (one value per sample)" if o["cosine"] is None else f"{o['cosine']:.4f}"
+    top1 = o.get("top1_agreement")
+    extra = f", top-1 agreement {top1:.1%}" if top1 is not None else ""
+    weak = f" [{o['degenerate'].replace('_', ' ')}: not evidence of fidelity]" if o.get("degenerate") else ""
+    return f"output  {o['output']}: cosine {cosine}, max rel err {o['max_rel_err']:.3g}{extra}{weak}"
 
 
 def _recovery_lines(r: dict[str, Any]) -> list[str]:
