@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from numpy.typing import NDArray
@@ -17,8 +18,10 @@ from onnx import AttributeProto, ModelProto, NodeProto
 from graphprune import shapeflow
 from graphprune.elements import ElementPool, Labels
 from graphprune.onnxutil import node_name
+from graphprune.protowalk import node_label
 from graphprune.reasons import BlockKind, BlockReason, ShapeUnknown, Unmappable
 from graphprune.rules import rule_for
+from graphprune.shapes import input_shape_fix
 from graphprune.tensors import to_array
 from graphprune.weights import is_mapped
 
@@ -26,9 +29,6 @@ from graphprune.weights import is_mapped
 SHAPE_CONSUMERS = frozenset({"Reshape", "Expand", "Resize"})
 
 FIXED_OPS_REASONS: dict[str, BlockKind] = {
-    "LSTM": BlockKind.RECURRENT,
-    "GRU": BlockKind.RECURRENT,
-    "RNN": BlockKind.RECURRENT,
     "If": BlockKind.CONTROL_FLOW,
     "Loop": BlockKind.CONTROL_FLOW,
     "Scan": BlockKind.CONTROL_FLOW,
@@ -107,14 +107,18 @@ class DependencyGraph:
         reads = [i for i in node.input if i in self.shape_values]
         if node.op_type != "Shape" and not reads:
             return
-        if node.op_type in shapeflow.PROPAGATING and shapeflow.propagate(node, self):
-            return
-        if node.op_type in SHAPE_CONSUMERS:
+        kind, why = BlockKind.SHAPE_NOT_REWRITABLE, ""
+        try:
+            if node.op_type in shapeflow.PROPAGATING and shapeflow.propagate(node, self):
+                return
+        except ShapeUnknown as exc:  # not followed: what it reads is fixed, and a consumer must not rewrite it
+            kind, why = BlockKind.UNKNOWN_SHAPE, f", and {exc}"
+        if node.op_type in SHAPE_CONSUMERS and not why:
             return
         for name in reads:
             for ref in shapeflow.tracked_refs(self, self.shape_values[name]):
-                self.block(self.tracked(ref.tensor)[ref.axis], BlockKind.SHAPE_NOT_REWRITABLE, node,
-                           f"computes with the run-time channel count of '{ref.tensor}' (axis {ref.axis})")
+                self.block(self.tracked(ref.tensor)[ref.axis], kind, node,
+                           f"computes with the run-time channel count of '{ref.tensor}' (axis {ref.axis}){why}")
 
     def _block_captures(self, node: NodeProto) -> None:
         """Tensors read inside If/Loop/Scan bodies are fixed: we never rewrite subgraphs."""
@@ -135,8 +139,14 @@ class DependencyGraph:
             return tuple(int(d) for d in self.initializers[name].dims)
         s = self.shapes.get(name)
         if s is None:
-            raise ShapeUnknown(f"shape of '{name}' is unknown")
+            producer = self.producer.get(name)
+            where = f" ({node_label(producer)})" if producer is not None else ""
+            raise ShapeUnknown(f"the shape of '{name}'{where} is unknown; {self._shape_fix}")
         return s
+
+    @cached_property
+    def _shape_fix(self) -> str:
+        return input_shape_fix(self.model)
 
     def rank(self, name: str) -> int:
         return len(self.shape(name))

@@ -12,21 +12,25 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import onnx
 from onnx import ModelProto, TensorProto, TypeProto, helper, numpy_helper
 
 from graphprune.errors import REEXPORT, InvalidModelError, ModelTooLargeError
 from graphprune.loading import PROTOBUF_LIMIT, require_loaded
-from graphprune.protowalk import copy_fields, copy_proto, replace_all, subgraphs
+from graphprune.protowalk import copy_fields, copy_proto, model_graphs, replace_all, subgraphs
 from graphprune.tensors import tensor_nbytes, to_array
 from graphprune.weights import DataWriter, is_mapped, mapped_nbytes
 
 __all__ = [
+    "Inference",
+    "Uninferable",
     "apply_inference",
     "infer_shapes",
+    "infer_view",
     "inference_view",
     "model_bytes",
     "save_model",
@@ -56,10 +60,12 @@ def without_initializers(model: ModelProto) -> ModelProto:
 
 
 def infer_shapes(model: ModelProto, *, copy: bool = True) -> ModelProto:
-    """`model` (a copy unless `copy=False`) with onnx shape inference (strict, data_prop=True) applied.
+    """`model` (a copy unless `copy=False`) with onnx shape inference (strict, data_prop=True, with
+    `infer_view`'s fallbacks) applied.
 
     Weights are not serialized for inference, so this also works past protobuf's 2 GiB limit.
-    Errors become InvalidModelError; onnx's message names the op type and node.
+    A model neither onnx nor onnxruntime accepts is an InvalidModelError; onnx's message names the op
+    type and node.
     """
     result = copy_proto(model) if copy else model
     apply_inference(result, update_outputs=True)
@@ -80,16 +86,80 @@ def inference_view(model: ModelProto) -> ModelProto:
     return skeleton
 
 
-def _inferred(model: ModelProto) -> ModelProto:
+_INFERENCE_ERRORS = (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError)
+
+
+class Uninferable(InvalidModelError):
+    """Neither onnx's shape inference nor onnxruntime accepts the model; `detail` names the node."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{detail}; the node named there is inconsistent with its inputs: fix it or {REEXPORT}")
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Inference:
+    """Shape inference's result and what it took: "strict" inference as is, "unannotated" (strict
+    once the model's own declared shapes were dropped) or "lenient" (onnx rejects the model,
+    onnxruntime accepts it: shapes onnx cannot infer must be read off a run); `error` is onnx's
+    strict-inference error when there was one."""
+
+    model: ModelProto
+    fallback: Literal["strict", "unannotated", "lenient"] = "strict"
+    error: str = ""
+
+
+def infer_view(view: ModelProto) -> Inference:
+    """Shape inference of `view` (an `inference_view`), falling back as `Inference` says.
+
+    Exporters (Paddle 3 seen) write stale value_info or output shapes that contradict what the nodes
+    compute, and use ops whose onnx inference is stricter than onnxruntime's: both run, so neither may
+    make the model invalid. Only a model onnxruntime cannot load either is an InvalidModelError.
+    """
     try:
-        return onnx.shape_inference.infer_shapes(
-            inference_view(model), check_type=True, strict_mode=True, data_prop=True
-        )
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
-        raise InvalidModelError(
-            f"shape inference failed: {str(exc).strip()}; the node named there is inconsistent with its "
-            f"inputs: fix it or {REEXPORT}"
-        ) from exc
+        return Inference(_strict(view))
+    except _INFERENCE_ERRORS as exc:
+        error = _error_text(exc)
+    bare = _without_declared_shapes(view)
+    try:
+        return Inference(_strict(bare), "unannotated", error)
+    except _INFERENCE_ERRORS as exc:
+        error = _error_text(exc)
+    from graphprune import runtime  # runtime builds on this module
+
+    try:
+        runtime.session(view, timed=False)
+    except InvalidModelError as exc:
+        raise Uninferable(f"shape inference failed: {error}; {exc}") from exc
+    try:
+        lenient = onnx.shape_inference.infer_shapes(bare, strict_mode=False, data_prop=True)
+    except _INFERENCE_ERRORS:  # onnxruntime's run supplies every shape then
+        lenient = bare
+    return Inference(lenient, "lenient", error)
+
+
+def _strict(view: ModelProto) -> ModelProto:
+    return onnx.shape_inference.infer_shapes(view, check_type=True, strict_mode=True, data_prop=True)
+
+
+def _error_text(exc: Exception) -> str:
+    return " ".join(str(exc).split())  # onnx's messages span lines
+
+
+def _without_declared_shapes(view: ModelProto) -> ModelProto:
+    """`view` without the shapes the model declares for what its nodes compute (every graph's
+    value_info, the graph outputs' shapes; element types kept): inference derives them again."""
+    bare = copy_proto(view)
+    for graph in model_graphs(bare):
+        del graph.value_info[:]
+    for out in bare.graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    return bare
+
+
+def _inferred(model: ModelProto) -> ModelProto:
+    return infer_view(inference_view(model)).model
 
 
 def apply_inference(model: ModelProto, *, update_outputs: bool) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from graphprune.errors import UsageError
+
 
 class BlockKind(StrEnum):
     UNSUPPORTED_OP = "unsupported_op"
@@ -38,8 +40,11 @@ class BlockReason:
         return {"kind": self.kind.value, "node": self.node, "op": self.op, "detail": self.detail}
 
 
-class ShapeUnknown(Exception):
-    """A rule needed a concrete shape that shape resolution could not provide."""
+class ShapeUnknown(UsageError):
+    """A rule needed a concrete shape that shape resolution could not provide.
+
+    Analysis catches it and blocks what the rule touches (UNKNOWN_SHAPE); anywhere else it reaches
+    the user as a usage error, its message naming the tensor, its producer and the fix (input shapes)."""
 
 
 class Unmappable(Exception):

@@ -653,7 +653,7 @@ _torch_model("conv3d", _conv3d, "small volumetric Conv3d net")
 _torch_model("convtranspose", _convtranspose, "UNet-like: ConvTranspose2d decoder with a skip concat")
 _torch_model("norms", _norms, "GroupNorm, affine InstanceNorm2d, LayerNorm over channels-last features")
 _torch_model("tiny_vit", _tiny_vit, "hand-written ViT: patch conv, class token, MHSA and GELU MLP blocks")
-_torch_model("lstm", _lstm, "LSTM then Linear: an op the pruner must block, not prune")
+_torch_model("lstm", _lstm, "LSTM then Linear: hidden units across the gates (rules/recurrent.py)")
 
 
 # --------------------------------------------------------------------------- transformers

@@ -35,14 +35,17 @@ def test_an_op_nothing_implements_is_refused_at_load_by_inspect_and_prune() -> N
 
 
 @pytest.mark.parametrize(("op", "gates"), [("LSTM", 4), ("GRU", 3), ("RNN", 1)])
-def test_recurrent_op_blocks_its_inputs(op: str, gates: int) -> None:
+def test_recurrent_op_reads_its_input_features_and_its_outputs_stay(op: str, gates: int) -> None:
+    """W's last axis consumes the features (rules/recurrent.py), so the MatMul before it is prunable;
+    the hidden units reach a graph output here, so they stay."""
     n = Net()
     y = n.op("MatMul", [n.input("x", [3, 1, 6]), n.w("w1", [6, 8])])
     ins = [y, n.w("rw", [1, gates * 4, 8]), n.w("rr", [1, gates * 4, 4])]
     n.output(n.op(op, ins, hidden_size=4, name="rnn"))
     an = graphprune.analyze(n.model())
-    g = group_of(an, "w1", 1)
-    assert not g.prunable and kinds(g) == {BlockKind.RECURRENT}
+    assert group_of(an, "w1", 1).prunable
+    hidden = group_of(an, "rr", 2)
+    assert not hidden.prunable and kinds(hidden) == {BlockKind.GRAPH_OUTPUT}
 
 
 def test_if_blocks_tensors_read_inside_its_bodies() -> None:
