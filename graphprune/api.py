@@ -10,7 +10,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,9 +32,10 @@ from graphprune.normalize import normalize
 from graphprune.report import Report
 from graphprune.select import PrunePlan, Selector
 from graphprune.shapes import resolve_shapes
+from graphprune.streams.stage import slice_streams
 from graphprune.surgery import apply_plan, masked_reference
 from graphprune.synthetic import batches, dynamic_batch
-from graphprune.validate import Feeds, relative_error, tensor_dtypes, validate
+from graphprune.validate import Equivalence, Feeds, relative_error, tensor_dtypes, validate
 from graphprune.weights import discard
 
 Source = str | os.PathLike[str] | bytes | ModelProto
@@ -55,11 +56,13 @@ class Analysis:
     grouping: Grouping
     specs: list[InputSpec]
     cost: CostModel
+    notes: list[str] = field(default_factory=list)  # how shapes were found, when not by strict inference
 
     @property
     def warnings(self) -> list[str]:
-        """What the user should know before trusting the numbers: the input dims that were guessed."""
-        return shape_warnings(self.specs)
+        """What the user should know before trusting the numbers: the input dims that were guessed, and
+        shapes that came from a fallback."""
+        return shape_warnings(self.specs) + self.notes
 
     def summary(self, members: bool = False) -> dict[str, Any]:
         groups = self.grouping.groups
@@ -102,9 +105,10 @@ def analyze(source: Source, config: PruneConfig | dict[str, Any] | None = None, 
     cfg = _config(config, overrides)
     model = normalize(load_model(source, max_bytes=cfg.max_model_bytes), copy=False)
     specs = signature(model, {k: tuple(v) for k, v in cfg.input_shapes.items()})
-    graph = DependencyGraph.build(model, resolve_shapes(model, specs))
+    shapes = resolve_shapes(model, specs)
+    graph = DependencyGraph.build(model, shapes)
     grouping = build_groups(graph, cfg.exclude)
-    return Analysis(model, graph, grouping, specs, CostModel(graph, grouping.roots))
+    return Analysis(model, graph, grouping, specs, CostModel(graph, grouping.roots), list(shapes.warnings))
 
 
 @dataclass
@@ -134,45 +138,51 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
 
     an = analyze(source, cfg)
     lap("analyze", 0.3)
+    work, run_cfg, streams = _streams_sliced(an, cfg)  # the model the groups are pruned on, and their target
+    if streams:
+        lap("streams", 0.33)
     # lazy: a pass runs only for what is asked, during scoring (obs criterion) or compensation
     window = [0.3, 0.4]
-    statistics = LayerStatistics(an.graph, an.specs, cfg,
+    statistics = LayerStatistics(work.graph, work.specs, cfg,
                                  progress=lambda f: step("statistics", window[0] + f * (window[1] - window[0])))
     crit = criterion(cfg.scoring)
-    crit.prepare(ScoringContext(an.graph, an.grouping, an.specs, cfg, statistics))
+    crit.prepare(ScoringContext(work.graph, work.grouping, work.specs, cfg, statistics))
     rng = np.random.default_rng(cfg.seed)
-    scores = {g.id: group_scores(an.graph, g, crit, cfg.reduction, cfg.normalizer, rng)
-              for g in an.grouping.prunable}
+    scores = {g.id: group_scores(work.graph, g, crit, cfg.reduction, cfg.normalizer, rng)
+              for g in work.grouping.prunable}
     lap("score", 0.4)
-    plan = Selector(an.graph, an.grouping, scores, an.cost, cfg).select()
+    plan = Selector(work.graph, work.grouping, scores, work.cost, run_cfg).select()
     lap("select", 0.5)
-    plain = apply_plan(an.graph, plan.removed_root)
+    plain = apply_plan(work.graph, plan.removed_root)
     pruned, comp = plain, Compensation()
     if cfg.compensate == "obs" and plan.removed:
         window[:] = [0.5, 0.7]
-        comp = compensate(an.graph, plan.removed_root[an.grouping.roots], an.specs, cfg, statistics=statistics)
+        comp = compensate(work.graph, plan.removed_root[work.grouping.roots], work.specs, cfg,
+                          statistics=statistics)
         statistics.clear()  # the self-check's held-out pass is not fitted on them
         lap("compensate", 0.7)
         if comp.overrides:
-            pruned = _self_checked(an, cfg, plain, plan.removed_root, comp)
+            pruned = _self_checked(work, cfg, plain, plan.removed_root, comp)
     lap("surgery", 0.8)
     recovery: dict[str, Any] = {}
-    if cfg.recover != "none" and plan.removed:
+    if cfg.recover != "none" and (plan.removed or streams):
         pruned, recovery = _recovered(an, cfg, pruned, lambda f: step("recover", 0.8 + 0.15 * f))
         lap("recover", 0.95)
     validation: dict[str, Any] = {}
     warnings = an.warnings
     if cfg.validate:
-        reference = masked_reference(an.graph, plan.removed_root, tensor_dtypes(an.model))
+        reference = masked_reference(work.graph, plan.removed_root, tensor_dtypes(work.model))
         inputs, feeds, timing = _validation_feeds(an, cfg)
         validation, checks = validate(an.model, pruned, feeds, cfg.latency_runs, timing=timing,
-                                      equivalence=(reference, plain), arrays=an.graph.known_const)
+                                      equivalence=Equivalence(reference, plain, work.model, work.graph.known_const),
+                                      arrays=an.graph.known_const)
         validation["inputs"] = inputs
         warnings += checks
         lap("validate", 1.0)
     if pruned is not plain:
         discard(plain.graph.initializer)  # its scratch weights (a mapped model's) are not needed now
-    report = _report(an, cfg, plan, validation, timings)
+    report = _report(an, work, cfg, plan, validation, timings)
+    report.streams = streams
     report.warnings = warnings
     report.compensation = comp.to_dict()
     if statistics.passes:
@@ -181,6 +191,22 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     report.recovery = recovery
     step("done", 1.0)
     return PruneResult(pruned, report, plan)
+
+
+def _streams_sliced(an: Analysis, cfg: PruneConfig) -> tuple[Analysis, PruneConfig, dict[str, Any]]:
+    """With streams="rotate": the model with its RMSNorm streams sliced, analysed again, and the target
+    left for the groups (a params or MACs target counts what the streams already removed)."""
+    if cfg.streams != "rotate":
+        return an, cfg, {}
+    sliced, entry = slice_streams(an.model, an.specs, cfg, an.graph.known_const)
+    if sliced is None:
+        return an, cfg, entry
+    work = analyze(sliced, cfg, input_shapes={s.name: list(s.shape) for s in an.specs})
+    if cfg.target == "channels":
+        return work, cfg, entry
+    measure = {"params": lambda a: a.cost.params(), "flops": lambda a: a.cost.macs()}[cfg.target]
+    left = max(0.0, 1.0 - (1.0 - cfg.sparsity) * measure(an) / max(1, measure(work)))
+    return work, replace(cfg, sparsity=left), entry
 
 
 def _recovered(an: Analysis, cfg: PruneConfig, pruned: ModelProto,
@@ -266,9 +292,11 @@ def _mean_error(model: ModelProto, feeds: list[dict[str, NDArray[Any]]],
     return sum(errors) / len(errors)
 
 
-def _report(an: Analysis, cfg: PruneConfig, plan: PrunePlan, validation: dict[str, Any],
+def _report(an: Analysis, work: Analysis, cfg: PruneConfig, plan: PrunePlan, validation: dict[str, Any],
             timings: dict[str, float]) -> Report:
-    groups = an.grouping.groups
+    """`an`: the model as given (the "before" numbers); `work`: what the groups were pruned on (the
+    same model, or its streams sliced)."""
+    groups = work.grouping.groups
     pruned_groups = [
         {"id": g.id, "producers": g.producers, "units": g.size, "removed": plan.count(g.id)}
         for g in groups if plan.count(g.id)
@@ -280,10 +308,10 @@ def _report(an: Analysis, cfg: PruneConfig, plan: PrunePlan, validation: dict[st
                "inputs": [_input(s) for s in an.specs],
                "outputs": [o.name for o in graph.output]},
         config=asdict(cfg),
-        params={"before": an.cost.params(), "after": an.cost.params(plan.removed_root)},
-        flops={"before": an.cost.macs(), "after": an.cost.macs(plan.removed_root)},
-        bytes={"before": an.cost.bytes(), "after": an.cost.bytes(plan.removed_root)},
-        groups={"total": len(groups), "prunable": len(an.grouping.prunable), "pruned": len(pruned_groups),
+        params={"before": an.cost.params(), "after": work.cost.params(plan.removed_root)},
+        flops={"before": an.cost.macs(), "after": work.cost.macs(plan.removed_root)},
+        bytes={"before": an.cost.bytes(), "after": work.cost.bytes(plan.removed_root)},
+        groups={"total": len(groups), "prunable": len(work.grouping.prunable), "pruned": len(pruned_groups),
                 "achieved": round(plan.achieved, 6), "pruned_list": pruned_groups, "blocked": blocked},
         validation=validation,
         timings_s=timings,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from graphprune import __version__, mlflow_io
 from graphprune.api import analyze, prune
 from graphprune.client import DEFAULT_URL
-from graphprune.config import COMPENSATIONS, HESSIAN_SOURCES, RECOVER_STEPS, RECOVERIES, TARGETS, PruneConfig
+from graphprune.config import COMPENSATIONS, HESSIAN_SOURCES, RECOVER_STEPS, RECOVERIES, STREAMS, TARGETS, PruneConfig
 from graphprune.errors import GraphpruneError, UsageError
 from graphprune.importance import CRITERIA
 
@@ -139,6 +139,11 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--latency-runs", type=int, default=5)
     pr.add_argument("--compensate", choices=COMPENSATIONS, default="obs",
                     help="correct the consumers of removed channels (data-free OBS, default) or not")
+    pr.add_argument("--streams", choices=STREAMS, default="keep",
+                    help="rotate: residual streams read through RMSNorm (Llama-style decoders) are turned to their "
+                         "principal directions, which leaves the model's function unchanged, and the weakest "
+                         "--sparsity of their width is removed from every writer and reader (exact but for the "
+                         "removed directions' energy, reported); keep (default): their width stays")
     pr.add_argument("--calibration", metavar="FILE.npz",
                     help="real inputs (one array per model input) for the OBS statistics instead of synthetic ones")
     pr.add_argument("--samples", type=int, default=128, help="inputs used to estimate the OBS statistics")
@@ -175,8 +180,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "max_group_sparsity": args.max_group_sparsity, "min_channels": args.min_channels,
         "exclude": list(args.exclude), "seed": args.seed, "validate": args.validate,
         "latency_runs": args.latency_runs, "input_shapes": dict(args.input_shape),
-        "compensate": args.compensate, "samples": args.samples, "hessian_source": args.hessian_source,
-        "damping": args.damping, "kron_columns": args.kron_columns,
+        "compensate": args.compensate, "streams": args.streams, "samples": args.samples,
+        "hessian_source": args.hessian_source, "damping": args.damping, "kron_columns": args.kron_columns,
         "obs_memory": args.obs_memory, "recover": args.recover,
         "recover_steps": args.recover_steps, "recover_lr": args.recover_lr, "recover_batch": args.recover_batch,
         "recover_time": args.recover_time,
@@ -329,6 +334,8 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"params {summary['params']:,}   MACs {summary['flops']:,}")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}")
     g = summary["groups"]
     print(f"groups {g['total']} total, {g['prunable']} prunable ({g['prunable_channels']:,} channels)")
     for reason, count in g["blocked_reasons"].items():

@@ -14,6 +14,7 @@ Normalizer = Literal["mean", "max", "sum", "none"]
 Compensation = Literal["obs", "none"]
 HessianSource = Literal["auto", "synthetic", "calibration", "identity"]
 Recovery = Literal["none", "distill"]
+Streams = Literal["keep", "rotate"]
 
 TARGETS: tuple[str, ...] = ("channels", "params", "flops")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "max", "prod")
@@ -21,6 +22,7 @@ NORMALIZERS: tuple[str, ...] = ("mean", "max", "sum", "none")
 COMPENSATIONS: tuple[str, ...] = ("obs", "none")
 HESSIAN_SOURCES: tuple[str, ...] = ("auto", "synthetic", "calibration", "identity")
 RECOVERIES: tuple[str, ...] = ("none", "distill")
+STREAMS: tuple[str, ...] = ("keep", "rotate")
 # Default distillation steps by what it trains on, from the digits nets at -50% FLOPs: 256 real inputs
 # reach 98.9% of dense in 1000 steps, and ViT still gains after (.944 -> .954 at 2000, level at 3000;
 # MobileNetV2 level or a little lower); synthetic inputs teach less per step (1000 steps: 94.7% of dense,
@@ -51,6 +53,9 @@ class PruneConfig:
     max_model_bytes: int = 4 * 1024**3
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     compensate: Compensation = "obs"
+    # residual streams read through RMSNorm (pre-norm decoders): "keep" their width, or "rotate" them to
+    # their principal directions and remove the weakest `sparsity` of them (graphprune/streams/)
+    streams: Streams = "keep"
     calibration: str | None = None  # .npz of real inputs (arrays named like the model's inputs)
     samples: int = 128  # synthetic samples used to estimate each consumer's input statistics
     hessian_source: HessianSource = "auto"
@@ -109,6 +114,8 @@ class PruneConfig:
             raise UsageError(f"min_channels must be >= 1, got {self.min_channels}")
         if self.compensate not in COMPENSATIONS:
             raise UsageError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {self.compensate!r}")
+        if self.streams not in STREAMS:
+            raise UsageError(f"streams must be one of {', '.join(STREAMS)}, got {self.streams!r}")
         if self.hessian_source not in HESSIAN_SOURCES:
             raise UsageError(f"hessian_source must be one of {', '.join(HESSIAN_SOURCES)}, "
                              f"got {self.hessian_source!r}")

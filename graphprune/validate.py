@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -200,8 +201,19 @@ def _rows(feeds: Feeds) -> int:
     return first.shape[0] if first is not None and first.ndim else 1
 
 
+@dataclass
+class Equivalence:
+    """The masked model (`surgery.masked_reference`: masks only, it runs on `weights`' initializers,
+    with `arrays` those already in memory) and the uncompensated pruned one, which must agree."""
+
+    reference: ModelProto
+    plain: ModelProto
+    weights: ModelProto
+    arrays: runtime.Arrays | None = None
+
+
 def validate(original: ModelProto, pruned: ModelProto, feeds: Sequence[Feeds], latency_runs: int, *,
-             timing: Feeds | None = None, equivalence: tuple[ModelProto, ModelProto] | None = None,
+             timing: Feeds | None = None, equivalence: Equivalence | None = None,
              arrays: runtime.Arrays | None = None) -> tuple[dict[str, Any], list[str]]:
     """Run every check; raise ValidationFailedError on anything that makes the model unusable. Returns
     the validation section and the warnings on how far its numbers can be trusted.
@@ -210,9 +222,8 @@ def validate(original: ModelProto, pruned: ModelProto, feeds: Sequence[Feeds], l
     `latency_runs` runs of each model, interleaved when both sessions fit in memory together. Timed
     sessions spin between runs as in deployment: without it a small model's runs are mostly thread
     wake-ups (the demo on 2 shared cores: 0.12 vs 0.15 ms, spreads overlapping; spinning 0.098 vs 0.070 ms).
-    `equivalence` = (masked original, uncompensated pruned model): they must agree exactly on the first
-    batch, which proves the coupling; compensation then changes the kept weights on purpose. The masked
-    original holds only the masks: it runs on `original`'s weights (`surgery.masked_reference`). `arrays`:
+    `equivalence`: the masked model and the uncompensated pruned one must agree exactly on the first
+    batch, which proves the coupling; compensation then changes the kept weights on purpose. `arrays`:
     the original's weights already in memory (`DependencyGraph.known_const`), shared by its sessions.
     """
     check(pruned)
@@ -264,10 +275,11 @@ def validate(original: ModelProto, pruned: ModelProto, feeds: Sequence[Feeds], l
         else {"before": None, "after": None, "runs": 0},
     }
     if equivalence is not None:
-        reference, plain = equivalence
-        masked = runtime.run(runtime.session(reference, timed=False, weights=original, arrays=arrays), feeds[0])
-        ok, worst = equivalent(masked, first if plain is pruned else runtime.run(runtime.session(plain, timed=False),
-                                                                                  feeds[0]))
+        eq = equivalence
+        masked = runtime.run(runtime.session(eq.reference, timed=False, weights=eq.weights, arrays=eq.arrays),
+                             feeds[0])
+        plain = first if eq.plain is pruned else runtime.run(runtime.session(eq.plain, timed=False), feeds[0])
+        ok, worst = equivalent(masked, plain)
         result["equivalence"] = {"passed": ok, "max_rel_err": worst}
         if not ok:
             raise ValidationFailedError(

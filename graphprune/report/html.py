@@ -23,7 +23,8 @@ code{font-size:12px}
 
 def render(report: dict[str, Any], title: str = "graphprune report") -> str:
     sections = [_summary(report), _warnings(report.get("warnings", [])), _validation(report.get("validation", {})),
-                _layers(report.get("groups", {})), _compensation(report.get("compensation", {})),
+                _streams(report.get("streams", {})), _layers(report.get("groups", {})),
+                _compensation(report.get("compensation", {})),
                 _recovery(report.get("recovery", {})), _blocked(report.get("groups", {})),
                 _config(report.get("config", {}), report.get("timings_s", {}))]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -129,6 +130,20 @@ def _layers(g: dict[str, Any]) -> str:
                              [p["units"] - p["removed"] for p in shown], [p["removed"] for p in shown], width=760)
     return ("<h2>Channels per group</h2><p>Each bar is one group of coupled channels (named by its first "
             f"producer), in graph order.</p>{chart}{more}")
+
+
+def _streams(st: dict[str, Any]) -> str:
+    rows = [(s["stream"], s["width"], s["kept"], s["writers"], s["readers"], f"{s['energy_kept']:.1%}")
+            for s in st.get("streams", [])]
+    if not rows and not st.get("left_alone"):
+        return ""
+    table = _table(["stream", "width", "kept", "writers", "readers", "energy kept"], rows, numeric=(1, 2, 3, 4))
+    error = (f"<p>Model output rel. error of the sliced streams alone: {st['output_rel_error']:.3g} "
+             f"(statistics from {escape(str(st.get('statistics')))}).</p>") if rows else ""
+    alone = "".join(f"<li>{escape(w)}</li>" for w in st.get("left_alone", []))
+    return ("<h2>Residual streams</h2><p>Rotated to their principal directions (exact) and sliced: each keeps "
+            "its strongest directions in every writer and reader.</p>" + (table if rows else "") + error
+            + (f"<p>Left alone:</p><ul>{alone}</ul>" if alone else ""))
 
 
 def _compensation(c: dict[str, Any]) -> str:

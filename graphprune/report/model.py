@@ -22,6 +22,7 @@ class Report:
     compensation: dict[str, Any] = field(default_factory=dict)
     importance: dict[str, Any] = field(default_factory=dict)
     recovery: dict[str, Any] = field(default_factory=dict)
+    streams: dict[str, Any] = field(default_factory=dict)  # streams="rotate": each sliced residual stream
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -46,6 +47,7 @@ class Report:
             f"MACs    {pct(self.flops)}",
             f"groups  {g['total']} total, {g['prunable']} prunable, {g['pruned']} pruned",
         ]
+        lines.extend(_stream_lines(self.streams))
         v = self.validation
         if v:
             lines.extend(_latency_lines(v.get("latency_ms") or {}))
@@ -74,6 +76,16 @@ class Report:
                          f"({', '.join(ops)})")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _stream_lines(streams: dict[str, Any]) -> list[str]:
+    lines = [f"stream  '{s['stream']}' {s['width']} -> {s['kept']} wide in its principal basis "
+             f"({s['writers']} writers, {s['readers']} readers, {s['energy_kept']:.1%} of its energy kept)"
+             for s in streams.get("streams", [])]
+    if lines:
+        lines.append(f"streams sliced: model output rel. error {streams['output_rel_error']:.3g}")
+    lines.extend(f"stream left alone: {why}" for why in streams.get("left_alone", []))
+    return lines
 
 
 def _latency_lines(lat: dict[str, Any]) -> list[str]:
