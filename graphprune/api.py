@@ -106,7 +106,7 @@ def analyze(source: Source, config: PruneConfig | dict[str, Any] | None = None, 
     model = normalize(load_model(source, max_bytes=cfg.max_model_bytes), copy=False)
     specs = signature(model, {k: tuple(v) for k, v in cfg.input_shapes.items()})
     shapes = resolve_shapes(model, specs)
-    graph = DependencyGraph.build(model, shapes)
+    graph = DependencyGraph.build(model, shapes, cfg.approximate_norms)
     grouping = build_groups(graph, cfg.exclude)
     return Analysis(model, graph, grouping, specs, CostModel(graph, grouping.roots), list(shapes.warnings))
 
@@ -170,13 +170,22 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
         lap("recover", 0.95)
     validation: dict[str, Any] = {}
     warnings = an.warnings
+    approximate = _approximated(work, plan)
+    if approximate:
+        warnings.append(f"{len(approximate)} cross-channel normalization(s) now see fewer channels "
+                        f"({', '.join(sorted(approximate)[:3])}{' ...' if len(approximate) > 3 else ''}): "
+                        "an approximation (approximate_norms); the validation numbers measure its error")
     if cfg.validate:
-        reference = masked_reference(work.graph, plan.removed_root, tensor_dtypes(work.model))
+        # an approximated norm computes other values on purpose: no exact masked model to agree with
+        equivalence = None if approximate else Equivalence(
+            masked_reference(work.graph, plan.removed_root, tensor_dtypes(work.model)), plain, work.model,
+            work.graph.known_const)
         inputs, feeds, timing = _validation_feeds(an, cfg)
         validation, checks = validate(an.model, pruned, feeds, cfg.latency_runs, timing=timing,
-                                      equivalence=Equivalence(reference, plain, work.model, work.graph.known_const),
-                                      arrays=an.graph.known_const)
+                                      equivalence=equivalence, arrays=an.graph.known_const)
         validation["inputs"] = inputs
+        if approximate:
+            validation["equivalence"] = {"skipped": "approximate_norms changed what some norms compute"}
         warnings += checks
         lap("validate", 1.0)
     if pruned is not plain:
@@ -191,6 +200,11 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     report.recovery = recovery
     step("done", 1.0)
     return PruneResult(pruned, report, plan)
+
+
+def _approximated(work: Analysis, plan: PrunePlan) -> set[str]:
+    """The norms (node names) that see fewer channels because a pruned group passed through them."""
+    return {r.node for g in work.grouping.groups if plan.count(g.id) for r in g.approximations}
 
 
 def _streams_sliced(an: Analysis, cfg: PruneConfig) -> tuple[Analysis, PruneConfig, dict[str, Any]]:
@@ -298,7 +312,8 @@ def _report(an: Analysis, work: Analysis, cfg: PruneConfig, plan: PrunePlan, val
     same model, or its streams sliced)."""
     groups = work.grouping.groups
     pruned_groups = [
-        {"id": g.id, "producers": g.producers, "units": g.size, "removed": plan.count(g.id)}
+        {"id": g.id, "producers": g.producers, "units": g.size, "removed": plan.count(g.id),
+         **({"approximate": [r.to_dict() for r in g.approximations]} if g.approximations else {})}
         for g in groups if plan.count(g.id)
     ]
     blocked = [g.to_dict(members=False) for g in groups if not g.prunable and g.reasons]

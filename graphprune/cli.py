@@ -144,6 +144,10 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
                          "principal directions, which leaves the model's function unchanged, and the weakest "
                          "--sparsity of their width is removed from every writer and reader (exact but for the "
                          "removed directions' energy, reported); keep (default): their width stays")
+    pr.add_argument("--allow-approximate-norms", dest="approximate_norms", action="store_true",
+                    help="let channels go through cross-channel normalizations (LayerNorm, RMSNorm's ReduceMean): "
+                         "their statistics then come from the kept channels, an approximation "
+                         "reported per group and measured in validation (BERT-style encoders, ConvNeXt)")
     pr.add_argument("--calibration", metavar="FILE.npz",
                     help="real inputs (one array per model input) for the OBS statistics instead of synthetic ones")
     pr.add_argument("--samples", type=int, default=128, help="inputs used to estimate the OBS statistics")
@@ -180,7 +184,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "max_group_sparsity": args.max_group_sparsity, "min_channels": args.min_channels,
         "exclude": list(args.exclude), "seed": args.seed, "validate": args.validate,
         "latency_runs": args.latency_runs, "input_shapes": dict(args.input_shape),
-        "compensate": args.compensate, "streams": args.streams, "samples": args.samples,
+        "compensate": args.compensate, "streams": args.streams, "approximate_norms": args.approximate_norms,
+        "samples": args.samples,
         "hessian_source": args.hessian_source, "damping": args.damping, "kron_columns": args.kron_columns,
         "obs_memory": args.obs_memory, "recover": args.recover,
         "recover_steps": args.recover_steps, "recover_lr": args.recover_lr, "recover_batch": args.recover_batch,

@@ -56,6 +56,10 @@ class PruneConfig:
     # residual streams read through RMSNorm (pre-norm decoders): "keep" their width, or "rotate" them to
     # their principal directions and remove the weakest `sparsity` of them (graphprune/streams/)
     streams: Streams = "keep"
+    # cross-channel normalizations (LayerNorm over the last axis, ReduceMean over channels as in RMSNorm)
+    # let channels go: approximate, reported per group, the error measured in validation; off, they keep
+    # their channels exactly
+    approximate_norms: bool = False
     calibration: str | None = None  # .npz of real inputs (arrays named like the model's inputs)
     samples: int = 128  # synthetic samples used to estimate each consumer's input statistics
     hessian_source: HessianSource = "auto"

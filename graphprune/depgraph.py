@@ -46,8 +46,12 @@ class Consume:
 
 
 class DependencyGraph:
-    def __init__(self, model: ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, model: ModelProto, shapes: dict[str, tuple[int, ...]], approximate_norms: bool = False) -> None:
         self.model = model
+        # cross-channel normalizations let channels go (their statistics then come from the kept ones),
+        # each such place recorded in `approximations` instead of blocking
+        self.approximate_norms = approximate_norms
+        self.approximations: list[tuple[Labels, BlockReason]] = []
         self.shapes = shapes
         self.initializers = {t.name: t for t in model.graph.initializer}
         self._const_cache: dict[str, NDArray[Any]] = {}
@@ -69,8 +73,9 @@ class DependencyGraph:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def build(cls, model: ModelProto, shapes: dict[str, tuple[int, ...]]) -> DependencyGraph:
-        g = cls(model, shapes)
+    def build(cls, model: ModelProto, shapes: dict[str, tuple[int, ...]],
+              approximate_norms: bool = False) -> DependencyGraph:
+        g = cls(model, shapes, approximate_norms)
         for node in model.graph.node:
             g._analyze(node)
         for out in model.graph.output:
@@ -206,6 +211,12 @@ class DependencyGraph:
         if labels.size:
             self.pool.block(labels)
             self.blocks.append((labels, BlockReason(kind, node_name(node), node.op_type, detail)))
+
+    def approximate(self, labels: Labels, node: NodeProto, detail: str) -> None:
+        """`labels` may be pruned, changing what `node` computes for the kept ones (approximate_norms)."""
+        if labels.size:
+            self.approximations.append((labels, BlockReason(BlockKind.NORMALIZES_CHANNELS, node_name(node),
+                                                            node.op_type, detail)))
 
     def block_tensor(self, name: str, kind: BlockKind, op: str, node: str, detail: str) -> None:
         for labels in self.tracked(name).values():

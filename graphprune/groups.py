@@ -42,6 +42,8 @@ class Group:
     spaces: list[Space]
     members: list[Member] = field(default_factory=list)
     reasons: list[BlockReason] = field(default_factory=list)
+    # where removing its units changes what a cross-channel normalization computes (approximate_norms)
+    approximations: list[BlockReason] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -80,6 +82,8 @@ class Group:
             "producers": self.producers,
             "reasons": [r.to_dict() for r in self.reasons],
         }
+        if self.approximations:
+            d["approximate"] = [r.to_dict() for r in self.approximations]
         if members:
             d["members"] = [
                 {"tensor": m.tensor, "axis": m.axis, "role": m.role, "positions": int(m.positions.size)}
@@ -154,10 +158,12 @@ def _attach_members(graph: DependencyGraph, groups: list[Group], unit_group: dic
 
 def _attach_reasons(graph: DependencyGraph, groups: list[Group], roots: NDArray[np.int64],
                     space_group: NDArray[np.int64], space_of: NDArray[np.int64]) -> None:
-    for labels, reason in graph.blocks:
-        for gid in np.unique(space_group[space_of[roots[labels]]]).tolist():
-            if reason not in groups[gid].reasons:
-                groups[gid].reasons.append(reason)
+    for found, attr in ((graph.blocks, "reasons"), (graph.approximations, "approximations")):
+        for labels, reason in found:
+            for gid in np.unique(space_group[space_of[roots[labels]]]).tolist():
+                listed = getattr(groups[gid], attr)
+                if reason not in listed:
+                    listed.append(reason)
 
 
 def _exclude(groups: list[Group], patterns: list[str]) -> None:

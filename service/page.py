@@ -35,6 +35,8 @@ def _fields() -> str:
         'placeholder="input=1,3,224,224"></label>',
         '<label class="check">rank units across groups<input name="global_ranking" data-option="global_ranking" '
         f'type="checkbox"{" checked" if d.global_ranking else ""}></label>',
+        '<label class="check">allow approximate norms (LayerNorm widths)<input name="approximate_norms" '
+        f'data-option="approximate_norms" type="checkbox"{" checked" if d.approximate_norms else ""}></label>',
     ])
 
 

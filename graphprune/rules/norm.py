@@ -61,11 +61,27 @@ def _block_normalized(node: NodeProto, g: DependencyGraph, axes: list[int]) -> N
                     g.set_dim(out, axis, labels)
 
 
+APPROXIMATE = ("normalizes over the channel axis: once channels go, its statistics come from the kept ones "
+               "(approximate_norms; the error is measured in validation)")
+
+
 @register("LayerNormalization")
 class LayerNorm(Rule):
     def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
-        rank = g.rank(node.input[0])
+        x = node.input[0]
+        rank = g.rank(x)
         start = int(attr(node, "axis", -1)) % rank
+        labels = g.tracked(x).get(rank - 1)
+        if g.approximate_norms and start == rank - 1 and labels is not None and not any(node.output[1:]):
+            passthrough(g, x, node.output[0])
+            for name, role in zip(node.input[1:3], ("affine", "bias"), strict=False):
+                if name:
+                    if not g.is_const(name) or g.shape(name) != (labels.size,):
+                        raise Unmappable(BlockKind.FIXED_OPERAND, f"LayerNormalization parameter '{name}' is not "
+                                                                  f"a constant [{labels.size}]")
+                    g.set_dim(name, 0, labels, role)
+            g.approximate(labels, node, APPROXIMATE)
+            return
         _block_normalized(node, g, list(range(start, rank)))
 
 

@@ -46,8 +46,22 @@ class Reduce(Rule):
                 passthrough(g, x, node.output[0])
                 return
             axes = list(range(g.rank(x)))
+        mapping = _reduce_map(g, x, axes, bool(attr(node, "keepdims", 1)))
+        if g.approximate_norms and node.op_type == "ReduceMean" and int(attr(node, "keepdims", 1)):
+            _approximate_channels(node, g, mapping)  # a norm's statistics (RMSNorm, decomposed LayerNorm)
+            return
         _check_not_channel(node, g, axes)
-        remap(g, x, node.output[0], _reduce_map(g, x, axes, bool(attr(node, "keepdims", 1))), "reduced")
+        remap(g, x, node.output[0], mapping, "reduced")
+
+
+def _approximate_channels(node: NodeProto, g: DependencyGraph, mapping: dict[int, int]) -> None:
+    """Channels averaged over may go; the axes kept carry their labels on as usual."""
+    for axis, labels in g.tracked(node.input[0]).items():
+        if axis in mapping:
+            g.set_dim(node.output[0], mapping[axis], labels)
+        else:
+            g.approximate(labels, node, "averages over the channel axis: once channels go, the mean comes from "
+                                        "the kept ones (approximate_norms; measured in validation)")
 
 
 @register("ArgMax", "ArgMin")

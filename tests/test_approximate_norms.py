@@ -1,0 +1,51 @@
+"""approximate_norms: channels go through cross-channel normalizations (LayerNorm, RMSNorm's ReduceMean),
+which then see fewer channels. Opt-in, reported per group and measured; off, nothing changes."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import zoo
+
+import graphprune
+
+
+def _path(name: str) -> str:
+    try:
+        return str(zoo.path(name))
+    except zoo.ZooUnavailable as e:
+        pytest.skip(str(e))
+
+
+def _removed(result: graphprune.PruneResult) -> float:
+    return 1 - result.report.params["after"] / result.report.params["before"]
+
+
+# (zoo model, the norm its stream goes through): LayerNorm (ViT, GPT-2, ConvNeXt's channels-last LN),
+# RMSNorm decomposed into ReduceMean (Llama)
+CASES = [("hf_vit-dynamo", "LayerNormalization"), ("hf_gpt2-dynamo", "LayerNormalization"),
+         ("hf_convnext-dynamo", "LayerNormalization"), ("hf_llama-dynamo", "ReduceMean")]
+
+
+@pytest.mark.parametrize(("name", "op"), CASES)
+def test_the_residual_width_goes_approximately_and_says_so(name: str, op: str) -> None:
+    path = _path(name)
+    exact = graphprune.prune(path, {"sparsity": 0.3, "latency_runs": 0})
+    approx = graphprune.prune(path, {"sparsity": 0.3, "latency_runs": 0, "approximate_norms": True})
+    assert _removed(exact) < 0.2 <= 0.3 <= _removed(approx)
+    assert exact.report.validation["equivalence"]["passed"] and "skipped" in approx.report.validation["equivalence"]
+    flagged = [g for g in approx.report.groups["pruned_list"] if "approximate" in g]
+    assert flagged and all(r["op"] == op for g in flagged for r in g["approximate"])
+    assert not any("approximate" in g for g in exact.report.groups["pruned_list"])
+    assert any("cross-channel normalization" in w for w in approx.report.warnings)
+    onnx.checker.check_model(approx.model, full_check=True)
+    (out,) = approx.report.validation["outputs"]
+    assert 0.8 < out["cosine"] < 1.0  # the error is measured (random weights: large on Llama's stream)
+
+
+def test_a_stream_that_reaches_a_graph_output_stays_even_approximately() -> None:
+    path = _path("hf_bert-dynamo")  # last_hidden_state is the stream itself
+    plain = graphprune.prune(path, {"sparsity": 0.3, "latency_runs": 0})
+    approx = graphprune.prune(path, {"sparsity": 0.3, "latency_runs": 0, "approximate_norms": True})
+    assert approx.report.params == plain.report.params
+    assert not any("approximate" in g for g in approx.report.groups["pruned_list"])
