@@ -23,7 +23,9 @@ def _removed(result: graphprune.PruneResult) -> float:
 
 # (zoo model, the norm its stream goes through): LayerNorm (ViT, GPT-2, ConvNeXt's channels-last LN),
 # RMSNorm decomposed into ReduceMean (Llama)
-CASES = [("hf_vit-dynamo", "LayerNormalization"), ("hf_gpt2-dynamo", "LayerNormalization"),
+# the TorchScript ViTs expand their class token to the run-time batch (rules/common.py follows it)
+CASES = [("hf_vit-dynamo", "LayerNormalization"), ("hf_vit-ts", "LayerNormalization"),
+         ("tiny_vit-ts", "LayerNormalization"), ("hf_gpt2-dynamo", "LayerNormalization"),
          ("hf_convnext-dynamo", "LayerNormalization"), ("hf_llama-dynamo", "ReduceMean")]
 
 

@@ -62,6 +62,8 @@ def couple_broadcast(
                 tracked.append(labels)
             elif g.is_const(name):
                 consts.append((name, axis))
+            elif (source := _expanded_constant(g, name, axis)) is not None:
+                consts.extend([source, (name, axis)])  # the constant is sliced, the Expand follows it
             else:
                 fixed.append(name)
         if not tracked:
@@ -74,8 +76,27 @@ def couple_broadcast(
         for other in tracked[1:]:
             g.union(base, other)
         for name, axis in consts:
-            g.set_dim(name, axis, base, role="const")
+            g.set_dim(name, axis, base, role="const" if g.is_const(name) else "act")
         g.set_dim(out, j, base)
+
+
+def _expanded_constant(g: DependencyGraph, name: str, axis: int) -> tuple[str, int] | None:
+    """(the constant, its axis) when `name` is that constant Expanded to a run-time shape whose entry
+    on `axis` keeps the constant's size (a class token expanded to the batch): such an operand can
+    be sliced like the constant itself, and the Expand's shape entry is rewritten if it is stored."""
+    from graphprune import shapeflow
+
+    node = g.producer.get(name)
+    if node is None or node.op_type != "Expand" or not g.is_const(node.input[0]):
+        return None
+    src, rank = node.input[0], g.rank(name)
+    src_axis = axis - (rank - g.rank(src))
+    values = shapeflow.entries(g, node.input[1])
+    if src_axis < 0 or values is None or g.shape(src)[src_axis] != g.shape(name)[axis]:
+        return None
+    entry = values[axis - (rank - len(values))] if axis >= rank - len(values) else shapeflow.Known(1)
+    kept = isinstance(entry, shapeflow.Known | shapeflow.ConstRef) and entry.value in (1, g.shape(name)[axis])
+    return (src, src_axis) if kept else None
 
 
 def union_blocks(g: DependencyGraph, labels: Labels, block: int) -> Labels:

@@ -215,3 +215,24 @@ def test_strided_slice_on_channels_blocks() -> None:
     g = group_of(an, "p.w", 0)
     assert not g.prunable and kinds(g) == {BlockKind.LAYOUT}
     assert np.all(g.blocked)
+
+
+@pytest.mark.parametrize("entry", [1, 8])
+def test_a_class_token_expanded_to_the_batch_is_sliced_with_the_tokens(entry: int) -> None:
+    """ViT: concat(cls_token.expand(B, -1, -1), patches) on the token axis; the token's channels are the
+    patches' (the Expand's shape entry on them is 1, or the width, rewritten)."""
+    n = Net()
+    x = n.input("x", ["B", 4, 6])
+    patches = n.op("MatMul", [x, n.w("p", [6, 8])])
+    batch = n.op("Unsqueeze", [n.op("Gather", [n.op("Shape", [x]), n.const("zero", 0)]), n.const("ax", [0])])
+    to = n.op("Concat", [batch, n.const("rest", [1, entry])], axis=0)
+    cls = n.op("Expand", [n.w("cls", [1, 1, 8]), to], name="expand")
+    tokens = n.op("Concat", [cls, patches], axis=1)
+    n.output(n.op("MatMul", [tokens, n.w("q", [8, 3])]), shape=["B", 5, 3])
+    m = n.model()
+    an = graphprune.analyze(m, input_shapes={"x": [2, 4, 6]})
+    assert units(an, "cls", 2) == units(an, "p", 1) == units(an, "q", 0)
+    res = pruned(m, input_shapes={"x": [2, 4, 6]})
+    o, p = arrays(m), arrays(res.model)
+    assert kept(o["cls"], p["cls"], 2) == kept(o["p"], p["p"], 1) == kept(o["q"], p["q"], 0)
+    assert p["rest"].tolist() == [1, 1 if entry == 1 else p["p"].shape[1]]
