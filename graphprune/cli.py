@@ -147,7 +147,7 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--allow-approximate-norms", dest="approximate_norms", action="store_true",
                     help="let channels go through cross-channel normalizations (LayerNorm, RMSNorm's ReduceMean): "
                          "their statistics then come from the kept channels, an approximation "
-                         "reported per group and measured in validation (BERT-style encoders, ConvNeXt)")
+                         "reported per group and measured in validation (ViT, GPT-2, ConvNeXt-style residual widths)")
     pr.add_argument("--calibration", metavar="FILE.npz",
                     help="real inputs (one array per model input) for the OBS statistics instead of synthetic ones")
     pr.add_argument("--samples", type=int, default=128, help="inputs used to estimate the OBS statistics")
