@@ -30,7 +30,7 @@ from graphprune.loading import load_model
 from graphprune.model import save_model
 from graphprune.normalize import normalize
 from graphprune.report import Report
-from graphprune.select import PrunePlan, Selector
+from graphprune.select import PrunePlan, Selector, control_flow
 from graphprune.shapes import resolve_shapes
 from graphprune.streams.stage import slice_streams
 from graphprune.surgery import apply_plan, masked_reference
@@ -108,7 +108,9 @@ def analyze(source: Source, config: PruneConfig | dict[str, Any] | None = None, 
     shapes = resolve_shapes(model, specs)
     graph = DependencyGraph.build(model, shapes, cfg.approximate_norms)
     grouping = build_groups(graph, cfg.exclude)
-    return Analysis(model, graph, grouping, specs, CostModel(graph, grouping.roots), list(shapes.warnings))
+    wrapped = control_flow(graph)  # params and MACs inside If/Loop bodies are not counted either
+    return Analysis(model, graph, grouping, specs, CostModel(graph, grouping.roots),
+                    list(shapes.warnings) + ([wrapped] if wrapped else []))
 
 
 @dataclass

@@ -128,7 +128,7 @@ class Selector:
         if cfg.sparsity == 0:
             return self._plan({})
         if not self.cands:
-            raise TargetImpossibleError(_control_flow(self.graph) or (
+            raise TargetImpossibleError(control_flow(self.graph) or (
                 "no prunable group: every channel is coupled with something fixed "
                 "(run `graphprune inspect` to see why each group is blocked)"))
         if cfg.target == "channels":
@@ -164,7 +164,7 @@ class Selector:
         return best
 
 
-def _control_flow(graph: DependencyGraph) -> str | None:
+def control_flow(graph: DependencyGraph) -> str | None:
     """Why nothing is prunable when the computation sits in If/Loop/Scan bodies, which are never
     rewritten: "coupled with something fixed" would send the user looking for the wrong cause."""
     bodies = [(n, sub) for n in graph.model.graph.node for sub in subgraphs(n)]

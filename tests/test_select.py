@@ -135,3 +135,4 @@ def test_a_graph_inside_control_flow_is_named_as_the_cause() -> None:
     with pytest.raises(graphprune.TargetImpossibleError, match="the graph is control flow: 6 of its 9 nodes "
                                                                "are inside the bodies of If 'gate'"):
         graphprune.prune(model, {"sparsity": 0.3})
+    assert any(w.startswith("the graph is control flow") for w in graphprune.analyze(model).warnings)  # inspect
