@@ -26,7 +26,8 @@ def _removed(result: graphprune.PruneResult) -> float:
 # the TorchScript ViTs expand their class token to the run-time batch (rules/common.py follows it)
 CASES = [("hf_vit-dynamo", "LayerNormalization"), ("hf_vit-ts", "LayerNormalization"),
          ("tiny_vit-ts", "LayerNormalization"), ("hf_gpt2-dynamo", "LayerNormalization"),
-         ("hf_convnext-dynamo", "LayerNormalization"), ("hf_llama-dynamo", "ReduceMean")]
+         ("hf_convnext-dynamo", "LayerNormalization"), ("hf_bert_cls-ts", "LayerNormalization"),
+         ("hf_bert_cls-dynamo", "LayerNormalization"), ("hf_llama-dynamo", "ReduceMean")]
 
 
 @pytest.mark.parametrize(("name", "op"), CASES)
@@ -42,7 +43,7 @@ def test_the_residual_width_goes_approximately_and_says_so(name: str, op: str) -
     assert any("cross-channel normalization" in w for w in approx.report.warnings)
     onnx.checker.check_model(approx.model, full_check=True)
     (out,) = approx.report.validation["outputs"]
-    assert 0.8 < out["cosine"] < 1.0  # the error is measured (random weights: large on Llama's stream)
+    assert 0.7 < out["cosine"] <= 1.0 and out["max_rel_err"] > 1e-4  # measured, not exact (random weights)
 
 
 def test_a_stream_that_reaches_a_graph_output_stays_even_approximately() -> None:
