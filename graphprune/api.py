@@ -20,7 +20,7 @@ from onnx import ModelProto
 from graphprune import runtime
 from graphprune.compensate import Compensation, HeldOutErrors, LayerStatistics, compensate, input_batches
 from graphprune.config import PruneConfig
-from graphprune.cost import CostModel
+from graphprune.cost import CostModel, stored
 from graphprune.depgraph import DependencyGraph
 from graphprune.errors import UsageError
 from graphprune.groups import Grouping, build_groups
@@ -29,6 +29,7 @@ from graphprune.inputs import InputSpec, read_arrays, shape_warnings, signature
 from graphprune.loading import load_model
 from graphprune.model import save_model
 from graphprune.normalize import normalize
+from graphprune.passes import fold_batchnorms
 from graphprune.report import Report
 from graphprune.select import PrunePlan, Selector, control_flow
 from graphprune.shapes import resolve_shapes
@@ -170,6 +171,10 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     if cfg.recover != "none" and (plan.removed or streams):
         pruned, recovery = _recovered(an, cfg, pruned, lambda f: step("recover", 0.8 + 0.15 * f))
         lap("recover", 0.95)
+    # last, on the model that is returned: recovery trains the BNs' scale and shift as parameters of their
+    # own, and validation then checks the folded model against the original (where `pruned` is `plain`,
+    # the equivalence check sees the folded model too)
+    graph = {"batchnorms_folded": fold_batchnorms(pruned)} if cfg.fold_bn else {}
     validation: dict[str, Any] = {}
     warnings = an.warnings
     approximate = _approximated(work, plan)
@@ -200,6 +205,8 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
         report.compensation["statistics"] = statistics.describe()
     report.importance = {"criterion": cfg.scoring, **crit.describe()}
     report.recovery = recovery
+    report.graph = graph
+    report.params["after"], report.bytes["after"] = stored(pruned)  # folded BNs and added biases included
     step("done", 1.0)
     return PruneResult(pruned, report, plan)
 

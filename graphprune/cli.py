@@ -137,6 +137,9 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--no-validate", dest="validate", action="store_false",
                     help="skip onnxruntime validation (not recommended)")
     pr.add_argument("--latency-runs", type=int, default=5)
+    pr.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
+                    help="keep BatchNormalization nodes instead of folding them into the Conv/ConvTranspose/Gemm "
+                         "before them (the same outputs, fewer nodes and bytes)")
     pr.add_argument("--compensate", choices=COMPENSATIONS, default="obs",
                     help="correct the consumers of removed channels (data-free OBS, default) or not")
     pr.add_argument("--streams", choices=STREAMS, default="keep",
@@ -183,7 +186,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "global_ranking": args.global_ranking, "round_to": args.round_to,
         "max_group_sparsity": args.max_group_sparsity, "min_channels": args.min_channels,
         "exclude": list(args.exclude), "seed": args.seed, "validate": args.validate,
-        "latency_runs": args.latency_runs, "input_shapes": dict(args.input_shape),
+        "latency_runs": args.latency_runs, "fold_bn": args.fold_bn, "input_shapes": dict(args.input_shape),
         "compensate": args.compensate, "streams": args.streams, "approximate_norms": args.approximate_norms,
         "samples": args.samples,
         "hessian_source": args.hessian_source, "damping": args.damping, "kron_columns": args.kron_columns,

@@ -78,6 +78,9 @@ class PruneConfig:
     recover_batch: int = 64
     recover_time: float = 0.0  # seconds of training at most; 0: no limit
     recover_temperature: float = 4.0  # softmax temperature of the class-score distillation loss
+    # fold inference-mode BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before it
+    # (graphprune/passes/fold.py): the same outputs, one node and its parameters less per BN
+    fold_bn: bool = True
 
     @property
     def steps_to_recover(self) -> int:
@@ -143,6 +146,8 @@ class PruneConfig:
             raise UsageError(f"recover_time must be >= 0 seconds (0: no limit), got {self.recover_time}")
         if self.recover_temperature <= 0:
             raise UsageError(f"recover_temperature must be > 0, got {self.recover_temperature}")
+        if not isinstance(self.fold_bn, bool):  # a config file's "false" string would otherwise fold
+            raise UsageError(f"fold_bn must be true or false, got {self.fold_bn!r}")
         if self.latency_runs < 0:
             raise UsageError(f"latency_runs must be >= 0, got {self.latency_runs}")
         if not 0 <= self.seed < 2**63:  # numpy's generators take non-negative seeds only

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import NDArray
-from onnx import helper
+from onnx import ModelProto, helper
 
 from graphprune.depgraph import DependencyGraph
 from graphprune.reasons import ShapeUnknown
@@ -60,3 +60,14 @@ class CostModel:
             except (ShapeUnknown, IndexError):
                 continue
         return total
+
+
+def stored(model: ModelProto) -> tuple[int, int]:
+    """(parameters, bytes) of the initializers `model` holds: what a pruned model really stores once
+    compensation, recovery and the clean-up passes have rewritten it (the plan's count predicts it)."""
+    params = nbytes = 0
+    for t in model.graph.initializer:
+        n = math.prod(t.dims)
+        params += n
+        nbytes += n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return params, nbytes

@@ -23,6 +23,7 @@ class Report:
     importance: dict[str, Any] = field(default_factory=dict)
     recovery: dict[str, Any] = field(default_factory=dict)
     streams: dict[str, Any] = field(default_factory=dict)  # streams="rotate": each sliced residual stream
+    graph: dict[str, Any] = field(default_factory=dict)  # clean-up passes on the pruned graph (fold_bn)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,6 +49,9 @@ class Report:
             f"groups  {g['total']} total, {g['prunable']} prunable, {g['pruned']} pruned",
         ]
         lines.extend(_stream_lines(self.streams))
+        folded = self.graph.get("batchnorms_folded", 0)
+        if folded:
+            lines.append(f"graph   {folded} BatchNormalization node(s) folded into the layers before them")
         v = self.validation
         if v:
             lines.extend(_latency_lines(v.get("latency_ms") or {}))
