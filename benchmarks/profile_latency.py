@@ -1,0 +1,226 @@
+"""Where the speed-up goes: dense vs pruned latency per kind of node, against the MACs each kept.
+
+    python benchmarks/profile_latency.py [--runs 15] [--sparsity 0.5] [--models ppocr_cls,resnet50]
+
+Each model is pruned to -`sparsity` of its MACs (graphprune's counter) with --round-to 1 and 8, then
+dense and pruned models run in one process on one onnxruntime thread, interleaved, `runs` times after
+warm-up: end-to-end medians and IQR, and onnxruntime's profiler per node (kernel time), grouped by
+what the node is (1x1 conv, k x k conv, depthwise conv, MatMul/Gemm, the rest). A kind whose time
+falls less than its MACs is where the realized speed-up is lost. Real convnets: the three PP-OCR
+graphs rapidocr ships, and transformers' ResNet-50 and MobileNetV2 (random weights, exported here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+KINDS = ("conv 1x1", "conv kxk", "conv depthwise", "conv (kernel not reported)", "matmul/gemm",
+         "layout (NCHWc reorder)", "other")
+
+
+def _zoo(name: str, shape: list[int]) -> Callable[[], tuple[Path, dict[str, list[int]]]]:
+    """A PP-OCR graph at the input size it is used at (its dims are dynamic)."""
+
+    def get() -> tuple[Path, dict[str, list[int]]]:
+        import onnx
+        import zoo
+
+        path = zoo.path(name)
+        return path, {onnx.load(str(path), load_external_data=False).graph.input[0].name: shape}
+
+    return get
+
+
+def _hf(kind: str) -> Callable[[], tuple[Path, dict[str, list[int]]]]:
+    def get() -> tuple[Path, dict[str, list[int]]]:
+        from benchmarks.bench_prune import CACHE, export_onnx
+
+        path = CACHE / f"profile-{kind}.onnx"
+        if not path.exists():
+            import torch
+            import transformers
+
+            torch.manual_seed(0)
+            if kind == "resnet50":
+                hf: Any = transformers.ResNetForImageClassification._from_config(transformers.ResNetConfig())
+            else:
+                hf = transformers.MobileNetV2ForImageClassification._from_config(transformers.MobileNetV2Config())
+
+            class Logits(torch.nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.model = hf.eval()
+
+                def forward(self, x: torch.Tensor) -> torch.Tensor:
+                    return self.model(pixel_values=x).logits
+
+            export_onnx(Logits().eval(), {"pixel_values": torch.randn(1, 3, 224, 224)}, path)
+        return path, {}
+
+    return get
+
+
+MODELS: dict[str, Callable[[], tuple[Path, dict[str, list[int]]]]] = {
+    "ppocr_det": _zoo("ppocr_det", [1, 3, 320, 320]), "ppocr_cls": _zoo("ppocr_cls", [1, 3, 48, 192]),
+    "ppocr_rec": _zoo("ppocr_rec", [1, 3, 48, 320]),
+    "resnet50": _hf("resnet50"), "mobilenetv2": _hf("mobilenetv2"),
+}
+
+
+def kind_of(node: Any, shapes: Callable[[str], tuple[int, ...]]) -> str:
+    """What a node is, for attributing its time: Convs by kernel and grouping."""
+    if node.op_type in ("Conv", "ConvTranspose"):
+        from graphprune.onnxutil import attr
+
+        w = shapes(node.input[1])
+        group = int(attr(node, "group", 1))
+        if group > 1 and group == shapes(node.input[0])[1]:
+            return "conv depthwise"
+        return "conv 1x1" if all(k == 1 for k in w[2:]) else "conv kxk"
+    if node.op_type in ("MatMul", "Gemm"):
+        return "matmul/gemm"
+    return "other"
+
+
+def macs_by_kind(path: Path, input_shapes: dict[str, list[int]]) -> dict[str, int]:
+    """MACs per kind of node, by graphprune's counter."""
+    import graphprune
+    from graphprune.rules import rule_for
+
+    an = graphprune.analyze(str(path), input_shapes=input_shapes)
+    shape = an.cost.shape_fn(None)
+    macs: dict[str, int] = defaultdict(int)
+    for node in an.model.graph.node:
+        rule = rule_for(node)
+        if rule is not None:
+            macs[kind_of(node, shape)] += rule.macs(node, shape)
+    return dict(macs)
+
+
+def profiled(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, Any]:
+    """Interleaved end-to-end times, and the profiler's kernel time per kind of node, per model."""
+    import onnxruntime as ort
+
+    sessions = {}
+    for label, path in paths.items():
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="gp-profile-")) / label)
+        sessions[label] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    times: dict[str, list[float]] = {label: [] for label in paths}
+    order = list(sessions.items())
+    for i in range(runs + 3):
+        for label, sess in order if i % 2 else order[::-1]:
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            if i >= 3:
+                times[label].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for label, sess in sessions.items():
+        kinds: dict[str, float] = defaultdict(float)
+        for e in json.loads(Path(sess.end_profiling()).read_text()):
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                kinds[kind_of_event(e["args"])] += e["dur"] / 1e3 / (runs + 3)
+        q1, med, q3 = np.percentile(times[label], [25, 50, 75])
+        out[label] = {"median_ms": float(med), "iqr_ms": float(q3 - q1), "kinds_ms": dict(kinds)}
+    return out
+
+
+def kind_of_event(args: dict[str, Any]) -> str:
+    """The kind of a node onnxruntime ran (after its own fusions and layout changes), from the
+    profiler's op name and input shapes: nodes it fused or renamed cannot be found by name."""
+    op = args.get("op_name", "")
+    if op in ("Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose"):
+        shapes = args.get("input_type_shape", [])
+        if len(shapes) < 2:
+            return "conv (kernel not reported)"
+        weight = next(iter(shapes[1].values()))
+        if weight[1] == 1 and weight[0] > 1:
+            return "conv depthwise"
+        return "conv 1x1" if all(k == 1 for k in weight[2:]) else "conv kxk"
+    if op in ("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulNBits"):
+        return "matmul/gemm"
+    if op.startswith("Reorder"):
+        return "layout (NCHWc reorder)"
+    return "other"
+
+
+def measure(name: str, sparsity: float, runs: int) -> list[str]:
+    import graphprune
+    from graphprune.inputs import signature
+    from graphprune.loading import load_model
+    from graphprune.synthetic import batches
+
+    path, shapes = MODELS[name]()
+    out = Path(tempfile.mkdtemp(prefix="gp-pruned-"))
+    paths, reports = {"dense": path}, {}
+    for round_to in (1, 8):
+        t0 = time.perf_counter()
+        result = graphprune.prune(str(path), {"sparsity": sparsity, "target": "flops", "round_to": round_to,
+                                              "latency_runs": 0, "compensate": "none", "input_shapes": shapes})
+        label = f"round-to {round_to}"
+        paths[label] = out / f"{name}-r{round_to}.onnx"
+        result.save(paths[label])
+        reports[label] = (result.report, time.perf_counter() - t0)
+    model = load_model(str(path))
+    feeds = next(iter(batches(signature(model, {k: tuple(v) for k, v in shapes.items()}), 1, None, "blobs", 0)))
+    prof = profiled(paths, feeds, runs)
+    macs = {"dense": macs_by_kind(path, shapes), **{label: macs_by_kind(paths[label], shapes) for label in reports}}
+    rows = [f"### {name}", "",
+            "| model | MACs kept | latency ms (median ± IQR) | speed-up | of the ideal 1/MACs kept |",
+            "|---|---|---|---|---|"]
+    base = prof["dense"]["median_ms"]
+    rows.append(f"| dense | 100% | {base:.2f} ± {prof['dense']['iqr_ms']:.2f} | 1.00x | |")
+    for label, (rep, _) in reports.items():
+        kept = rep.flops["after"] / rep.flops["before"]
+        speed = base / prof[label]["median_ms"]
+        rows.append(f"| {label} | {kept:.0%} | {prof[label]['median_ms']:.2f} ± {prof[label]['iqr_ms']:.2f} "
+                    f"| {speed:.2f}x | {speed * kept:.2f} |")
+    rows += ["", "| kind | dense kernel ms | dense MACs share | "
+             + " | ".join(f"{lab}: kernel time kept / MACs kept" for lab in reports) + " |",
+             "|---|---|---|" + "---|" * len(reports)]
+    dense_ms, total = prof["dense"]["kinds_ms"], max(1, sum(macs["dense"].values()))
+    for kind in KINDS:
+        if kind not in dense_ms and kind not in macs["dense"]:
+            continue
+        cells = [f"{_share(prof[lab]['kinds_ms'].get(kind, 0.0), dense_ms.get(kind))} / "
+                 f"{_share(macs[lab].get(kind, 0), macs['dense'].get(kind))}" for lab in reports]
+        rows.append(f"| {kind} | {dense_ms.get(kind, 0.0):.2f} | {macs['dense'].get(kind, 0) / total:.0%} | "
+                    + " | ".join(cells) + " |")
+    return rows
+
+
+def _share(part: float, whole: float | None) -> str:
+    return f"{part / whole:.0%}" if whole else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--models", default=",".join(MODELS))
+    args = ap.parse_args(argv)
+    for name in args.models.split(","):
+        print("\n".join(measure(name, args.sparsity, args.runs)) + "\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
