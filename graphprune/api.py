@@ -199,7 +199,9 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
         discard(plain.graph.initializer)  # its scratch weights (a mapped model's) are not needed now
     report = _report(an, work, cfg, plan, validation, timings)
     report.streams = streams
-    report.warnings = warnings
+    advice = latency_advice(validation.get("latency_ms") or {}, report.flops, cfg.round_to,
+                            [g["units"] - g["removed"] for g in report.groups["pruned_list"]])
+    report.warnings = warnings + ([advice] if advice else [])
     report.compensation = comp.to_dict()
     if statistics.passes:
         report.compensation["statistics"] = statistics.describe()
@@ -209,6 +211,27 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     report.params["after"], report.bytes["after"] = stored(pruned)  # folded BNs and added biases included
     step("done", 1.0)
     return PruneResult(pruned, report, plan)
+
+
+REALIZED_FLOOR = 0.7  # speed-up over the ideal (1/MACs kept) under which the width advice is given
+FAST_MULTIPLE = 8  # onnxruntime's CPU convs run in a blocked layout of 8 channels (NCHWc)
+
+
+def latency_advice(latency: dict[str, Any], flops: dict[str, int], round_to: int, widths: list[int]) -> str | None:
+    """A warning when latency fell much less than MACs and the kept widths are not multiples of 8: odd
+    widths fall off onnxruntime's NCHWc convolution layout (benchmarks/README.md, profile_latency.py:
+    --round-to 8 took five convnets from 0.63 to 0.78 of the ideal). Only on a measured, not noisy, ratio."""
+    before, after = latency.get("before"), latency.get("after")
+    if round_to % FAST_MULTIPLE == 0 or not (before and after and flops.get("before")) or latency.get("noisy"):
+        return None
+    kept = flops["after"] / flops["before"]
+    realized = before / after * kept
+    odd = [w for w in widths if w % FAST_MULTIPLE]
+    if realized >= REALIZED_FLOOR or not odd:
+        return None
+    return (f"latency fell {before / after:.2f}x for {1 / kept:.2f}x fewer MACs ({realized:.2f} of the ideal); "
+            f"{len(odd)} pruned group(s) keep widths that are not multiples of {FAST_MULTIPLE} (e.g. {odd[0]}), "
+            f"which onnxruntime's blocked convolution layout handles slowly: try --round-to {FAST_MULTIPLE}")
 
 
 def _approximated(work: Analysis, plan: PrunePlan) -> set[str]:

@@ -136,3 +136,18 @@ def test_a_graph_inside_control_flow_is_named_as_the_cause() -> None:
                                                                "are inside the bodies of If 'gate'"):
         graphprune.prune(model, {"sparsity": 0.3})
     assert any(w.startswith("the graph is control flow") for w in graphprune.analyze(model).warnings)  # inspect
+
+
+def test_latency_advice_names_odd_widths_only_when_the_speed_up_is_measured_and_poor() -> None:
+    from graphprune.api import latency_advice
+
+    flops = {"before": 100, "after": 50}  # an ideal of 2x
+    poor = {"before": 10.0, "after": 8.0, "noisy": False}  # 1.25x: 0.62 of the ideal
+    advice = latency_advice(poor, flops, 1, [37, 64])
+    assert advice is not None and "0.62 of the ideal" in advice and "e.g. 37" in advice
+    assert "--round-to 8" in advice
+    assert latency_advice(poor, flops, 8, [40, 64]) is None  # already rounded
+    assert latency_advice(poor, flops, 1, [32, 64]) is None  # widths already fit the layout
+    assert latency_advice({**poor, "noisy": True}, flops, 1, [37]) is None  # not a measurement to act on
+    assert latency_advice({**poor, "after": 5.5}, flops, 1, [37]) is None  # 0.91 of the ideal
+    assert latency_advice({"before": None, "after": None, "runs": 0}, flops, 1, [37]) is None
