@@ -300,6 +300,8 @@ def test_prune_ppocr_cls_folds_its_35_batchnorms() -> None:
     assert res.report.graph == {"batchnorms_folded": 35} and _bn_count(res.model) == 0
     assert res.report.validation["equivalence"]["passed"]
     onnx.checker.check_model(res.model, full_check=True)
+    page = res.report.to_html()
+    assert "35 BatchNormalization node(s) folded" in page and "<td>fold_bn</td>" in page
 
 
 def test_recovery_trains_the_batchnorms_then_they_fold() -> None:
