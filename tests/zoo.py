@@ -765,33 +765,12 @@ _hf_model(
     window_size=4,
     **_VISION,
 )
-_hf_model(
-    "hf_bert",
-    "transformers BERT encoder with attention_mask",
-    "BertModel",
-    "last_hidden_state",
-    text=True,
-    model_type="bert",
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    **_TEXT,
-)
-_hf_model(
-    "hf_bert_cls",
-    "transformers BERT classifier: post-LN encoder, pooler and head (the stream is not an output)",
-    "BertForSequenceClassification",
-    "logits",
-    text=True,
-    model_type="bert",
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    num_labels=3,
-    **_TEXT,
-)
+_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "intermediate_size": 64, **_TEXT}
+_hf_model("hf_bert", "transformers BERT encoder with attention_mask", "BertModel", "last_hidden_state", text=True,
+          **_BERT)
+_hf_model("hf_bert_cls", "transformers BERT classifier: post-LN encoder, pooler and head (the stream is not an "
+          "output)", "BertForSequenceClassification", "logits", text=True, num_labels=3, **_BERT)
 _hf_model(
     "hf_gpt2",
     "transformers GPT-2: Conv1D (Gemm) layers, fused qkv Split, tied LM head",
