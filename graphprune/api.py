@@ -197,7 +197,7 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
         lap("validate", 1.0)
     if pruned is not plain:
         discard(plain.graph.initializer)  # its scratch weights (a mapped model's) are not needed now
-    report = _report(an, work, cfg, plan, validation, timings)
+    report = _report(an, work, pruned, cfg, plan, validation, timings)
     report.streams = streams
     advice = latency_advice(validation.get("latency_ms") or {}, report.flops, cfg.round_to,
                             [g["units"] - g["removed"] for g in report.groups["pruned_list"]])
@@ -208,7 +208,6 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     report.importance = {"criterion": cfg.scoring, **crit.describe()}
     report.recovery = recovery
     report.graph = graph
-    report.params["after"], report.bytes["after"] = stored(pruned)  # folded BNs and added biases included
     step("done", 1.0)
     return PruneResult(pruned, report, plan)
 
@@ -338,10 +337,12 @@ def _mean_error(model: ModelProto, feeds: list[dict[str, NDArray[Any]]],
     return sum(errors) / len(errors)
 
 
-def _report(an: Analysis, work: Analysis, cfg: PruneConfig, plan: PrunePlan, validation: dict[str, Any],
-            timings: dict[str, float]) -> Report:
+def _report(an: Analysis, work: Analysis, final: ModelProto, cfg: PruneConfig, plan: PrunePlan,
+            validation: dict[str, Any], timings: dict[str, float]) -> Report:
     """`an`: the model as given (the "before" numbers); `work`: what the groups were pruned on (the
-    same model, or its streams sliced)."""
+    same model, or its streams sliced); `final`: the model written, whose initializers are the params
+    and bytes "after" (folded BNs and compensation's added biases included)."""
+    params_after, bytes_after = stored(final)
     groups = work.grouping.groups
     pruned_groups = [
         {"id": g.id, "producers": g.producers, "units": g.size, "removed": plan.count(g.id),
@@ -355,9 +356,9 @@ def _report(an: Analysis, work: Analysis, cfg: PruneConfig, plan: PrunePlan, val
                "inputs": [_input(s) for s in an.specs],
                "outputs": [o.name for o in graph.output]},
         config=asdict(cfg),
-        params={"before": an.cost.params(), "after": work.cost.params(plan.removed_root)},
+        params={"before": an.cost.params(), "after": params_after},
         flops={"before": an.cost.macs(), "after": work.cost.macs(plan.removed_root)},
-        bytes={"before": an.cost.bytes(), "after": work.cost.bytes(plan.removed_root)},
+        bytes={"before": an.cost.bytes(), "after": bytes_after},
         groups={"total": len(groups), "prunable": len(work.grouping.prunable), "pruned": len(pruned_groups),
                 "achieved": round(plan.achieved, 6), "pruned_list": pruned_groups, "blocked": blocked},
         validation=validation,

@@ -16,6 +16,7 @@ from onnx import ModelProto, helper
 from graphprune.depgraph import DependencyGraph
 from graphprune.reasons import ShapeUnknown
 from graphprune.rules import rule_for
+from graphprune.tensors import tensor_nbytes
 
 
 class CostModel:
@@ -65,9 +66,5 @@ class CostModel:
 def stored(model: ModelProto) -> tuple[int, int]:
     """(parameters, bytes) of the initializers `model` holds: what a pruned model really stores once
     compensation, recovery and the clean-up passes have rewritten it (the plan's count predicts it)."""
-    params = nbytes = 0
-    for t in model.graph.initializer:
-        n = math.prod(t.dims)
-        params += n
-        nbytes += n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    return params, nbytes
+    inits = model.graph.initializer
+    return sum(math.prod(t.dims) for t in inits), sum(tensor_nbytes(t) for t in inits)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import NodeProto
 
+from graphprune import shapeflow
 from graphprune.elements import Labels
 from graphprune.reasons import BlockKind, Unmappable
 
@@ -84,8 +85,6 @@ def _expanded_constant(g: DependencyGraph, name: str, axis: int) -> tuple[str, i
     """(the constant, its axis) when `name` is that constant Expanded to a run-time shape whose entry
     on `axis` keeps the constant's size (a class token expanded to the batch): such an operand can
     be sliced like the constant itself, and the Expand's shape entry is rewritten if it is stored."""
-    from graphprune import shapeflow
-
     node = g.producer.get(name)
     if node is None or node.op_type != "Expand" or not g.is_const(node.input[0]):
         return None
