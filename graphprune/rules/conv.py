@@ -1,8 +1,10 @@
 """Conv and ConvTranspose (1D/2D/3D), incl. grouped and depthwise with a channel multiplier.
 
-A grouped conv can only lose whole groups (every group must keep the same width), so the
-channels of one group are fused into one unit; depthwise (one input channel per group) keeps
-per-channel units and its output block of `multiplier` channels follows each input channel.
+Every group of a grouped conv must keep the same width. Many narrow groups (ResNeXt's 32x4d,
+depthwise with one input channel per group) lose whole groups: one group's channels are one
+unit, and a depthwise output block of `multiplier` channels follows each input channel. A few
+wide groups (ResNeSt's radix slots, 4 groups of 8) lose the same positions in every group
+instead: input position i of all groups is one unit, output position j another.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ def _grouped(g: DependencyGraph, in_labels: Labels, per_group_in: int, per_group
     return np.repeat(firsts, per_group_out)
 
 
+def _within_groups(node: NodeProto, g: DependencyGraph, w: str, in_labels: Labels, group: int) -> Labels:
+    """Output labels of a conv with a few wide groups: position j of every group is one unit."""
+    rows = in_labels.reshape(group, -1)
+    g.union(rows.reshape(-1), np.tile(rows[0], group))
+    g.set_dim(w, 1, rows[0].copy(), "in")
+    return np.tile(g.new_space(node, node.output[0], g.shape(w)[0] // group), group)
+
+
 def _other_axes(node: NodeProto, g: DependencyGraph) -> None:
     """Channels tracked on the input's non-channel axes (a Linear's features used as a batch or a
     spatial axis) are never dropped: samples are independent, so the batch axis passes; the kernel
@@ -81,6 +91,8 @@ class ConvRule(Rule):
             out = g.new_space(node, node.output[0], cout)
             if x_labels is not None:
                 g.set_dim(w, 1, x_labels, "in")
+        elif group <= per_group_in:
+            out = _within_groups(node, g, w, x_labels, group)
         else:
             out = _grouped(g, x_labels, per_group_in, cout // group)
         g.consume(node, 0, 1)
@@ -88,7 +100,7 @@ class ConvRule(Rule):
         _other_axes(node, g)
 
     def rewrite(self, node: NodeProto, sx: SurgeryContext) -> None:
-        _rewrite_group(node, sx, sx.old_shape(node.input[1])[1])
+        _rewrite_group(node, sx, sx.new_shape(node.input[1])[1])
 
     def macs(self, node: NodeProto, shape: Callable[[str], tuple[int, ...]]) -> int:
         return math.prod(shape(node.output[0])) * math.prod(shape(node.input[1])[1:])

@@ -77,6 +77,45 @@ def _fuse_split(g: DependencyGraph, labels: Labels, sizes: list[int], tracked: i
     return rows[:, 0].copy()
 
 
+def _block_axis(labels: Labels, sizes: list[int]) -> int | None:
+    """The one axis of `labels` viewed as `sizes` along which they change, if only one does."""
+    view = labels.reshape(sizes)
+    varying = [k for k in range(len(sizes)) if not np.array_equal(view, np.take(view, [0], axis=k).repeat(sizes[k], k))]
+    return varying[0] if len(varying) == 1 else None
+
+
+_SAME_AXES = frozenset({"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Identity"})
+
+
+def _reduced_downstream(g: DependencyGraph, y: str, axis: int, depth: int = 4) -> bool:
+    """Whether `y`'s `axis` is softmaxed or reduced over a few axis-preserving steps later.
+
+    A channel axis split into (radix, C) whose radix axis is then summed or softmaxed over
+    (ResNeSt, SKNet) must keep the inner C as the unit, coupled across the slots; heads
+    (attention) are never reduced over and stay the unit.
+    """
+    rank = g.rank(y)
+    for node in g.users.get(y, []):
+        op, later = node.op_type, None
+        if op in ("Softmax", "LogSoftmax"):
+            if int(attr(node, "axis", -1 if g.opset >= 13 else 1)) % rank == axis:
+                return True
+        elif op.startswith("Reduce"):
+            try:
+                axes = axes_of(node, g, 1)
+            except Unmappable:
+                continue
+            if axes is None or axis in {a % rank for a in axes}:
+                return True
+        elif op == "Transpose":
+            later = ints(attr(node, "perm", list(reversed(range(rank))))).index(axis)
+        elif op in _SAME_AXES and g.rank(node.output[0]) == rank:
+            later = axis
+        if later is not None and depth > 0 and _reduced_downstream(g, node.output[0], later, depth - 1):
+            return True
+    return False
+
+
 def merged_labels(in_shape: tuple[int, ...], axis: int, first: int, last: int, labels: Labels) -> Labels:
     """Labels of a flattened run of axes `first..last` in which only `axis` carries channels."""
     run = in_shape[first : last + 1]
@@ -93,9 +132,15 @@ def map_reshape(node: NodeProto, g: DependencyGraph, x: str, y: str) -> None:
             raise Unmappable(BlockKind.LAYOUT, f"reshape {list(in_shape)} -> {list(out_shape)} scrambles axis {axis}")
         if m.kind == "keep":
             g.set_dim(y, m.out_axis, labels)
+        elif m.kind == "split" and (block := _block_axis(labels, [out_shape[b] for b in m.span])) is not None:
+            # undoing a merge (GroupNorm's Reshape back from [N, G, C*H*W]): the blocks are channels again
+            sizes = [out_shape[b] for b in m.span]
+            g.set_dim(y, m.span[block], np.moveaxis(labels.reshape(sizes), block, -1).reshape(-1, sizes[block])[0])
         elif m.kind == "split":
-            g.set_dim(y, m.out_axis, _fuse_split(g, labels, [out_shape[b] for b in m.span],
-                                                 m.span.index(m.out_axis)))
+            out_axis = m.out_axis
+            if len(m.span) == 2 and _reduced_downstream(g, y, m.span[0]):
+                out_axis = m.span[1]  # split attention: the radix slots are summed, the inner channels are units
+            g.set_dim(y, out_axis, _fuse_split(g, labels, [out_shape[b] for b in m.span], m.span.index(out_axis)))
         else:
             g.set_dim(y, m.out_axis, merged_labels(in_shape, axis, m.first, m.last, labels))
 

@@ -53,7 +53,7 @@ def test_conv_chain_couples_rows_bias_and_next_columns(dims: int) -> None:
 GROUPED = {
     "depthwise": ("Conv", 4, 4, 4),
     "depthwise_x2": ("Conv", 4, 4, 8),
-    "grouped": ("Conv", 2, 8, 6),
+    "grouped": ("Conv", 4, 8, 12),  # four narrow groups (2 inputs each)
     "deconv_depthwise_x2": ("ConvTranspose", 4, 4, 8),
     "deconv_grouped": ("ConvTranspose", 2, 8, 6),
 }
@@ -100,6 +100,33 @@ def test_grouped_conv_loses_whole_groups(case: str) -> None:
     assert attr(node, "group") == len(kept_groups)
 
 
+def test_few_wide_groups_lose_the_same_positions_in_every_group() -> None:
+    """Two groups of 4 inputs (ResNeSt's radix slots): position i of both groups is one unit."""
+    n = Net()
+    y = n.conv(n.input("x", [1, 3, 4, 4]), 3, 8, "p")
+    y = n.conv(y, 8, 6, "m", k=3, group=2)
+    n.output(n.conv(y, 6, 3, "q"))
+    m = n.model()
+    an = graphprune.analyze(m)
+
+    assert unit_index(an, "p.w", 0) == [0, 1, 2, 3] * 2
+    assert units(an, "m.w", 1) == units(an, "p.w", 0)[:4]
+    assert units(an, "m.w", 0) == units(an, "m.b", 0) == units(an, "q.w", 1) == units(an, "m.w", 0)[:3] * 2
+    assert group_of(an, "p.w", 0).size == 4 and group_of(an, "m.w", 0).size == 3
+
+    res = pruned(m)
+    o, p = arrays(m), arrays(res.model)
+    kp = kept(o["p.w"], p["p.w"], 0)
+    within_in = [c for c in kp if c < 4]
+    assert kp == within_in + [c + 4 for c in within_in] and 0 < len(within_in) < 4
+    km = kept(o["m.w"], p["m.w"], 0, axis1=within_in)
+    within_out = [c for c in km if c < 3]
+    assert km == within_out + [c + 3 for c in within_out] and 0 < len(within_out) < 3
+    assert kept(o["m.w"], p["m.w"], 1, axis0=km) == within_in
+    node = next(nd for nd in res.model.graph.node if nd.op_type == "Conv" and nd.input[1] == "m.w")
+    assert attr(node, "group") == 2
+
+
 def test_conv_transpose_group1_is_consumer_and_producer() -> None:
     n = Net()
     y = n.conv(n.input("x", [1, 3, 4, 4]), 3, 4, "p")
@@ -136,7 +163,8 @@ def test_grouped_conv_on_fixed_input_tracks_nothing() -> None:
 @pytest.mark.parametrize("group", [12, 3])
 def test_grouped_conv_over_a_concat_of_two_producers(group: int) -> None:
     """Concat(a: 6, b: 6) -> conv with `group` groups. Depthwise (12) keeps a and b apart; 3 groups of
-    4 fuse a0..a3, then a4 a5 b0 b1 (straddling both producers), then b2..b5, into one group of a and b."""
+    4 lose the same positions in every group: a0 a4 b2, a1 a5 b3, a2 b0 b4, a3 b1 b5 are the four units,
+    one group of a and b."""
     n = Net()
     x = n.input("x", [1, 3, 4, 4])
     y = n.op("Concat", [n.conv(x, 3, 6, "a"), n.conv(x, 3, 6, "b")], axis=1)
@@ -145,25 +173,28 @@ def test_grouped_conv_over_a_concat_of_two_producers(group: int) -> None:
     an = graphprune.analyze(m)
 
     ua, ub = units(an, "a.w", 0), units(an, "b.w", 0)
-    assert units(an, "m.w", 0) == units(an, "q.w", 1) == ua + ub
+    assert units(an, "m.w", 0) == units(an, "q.w", 1) == (ua + ub if group == 12 else units(an, "m.w", 0)[:4] * 3)
     if group == 12:
         assert group_of(an, "a.w", 0).id != group_of(an, "b.w", 0).id
         assert (group_of(an, "a.w", 0).size, group_of(an, "b.w", 0).size) == (6, 6)
     else:
-        assert unit_index(an, "m.w", 0) == repeat_each(range(3), 4) and group_of(an, "a.w", 0).size == 3
+        assert unit_index(an, "m.w", 0) == [0, 1, 2, 3] * 3 and group_of(an, "a.w", 0).size == 4
         assert group_of(an, "b.w", 0).id == group_of(an, "a.w", 0).id
 
     res = pruned(m)
     o, p = arrays(m), arrays(res.model)
     ka, kb = kept(o["a.w"], p["a.w"], 0), kept(o["b.w"], p["b.w"], 0)
-    km = [*ka, *(6 + i for i in kb)]
-    assert kept(o["m.w"], p["m.w"], 0) == km == kept(o["q.w"], p["q.w"], 1)
-    if group == 3:
-        assert len(km) == 8 and km in [[c for c in range(12) if c // 4 != r] for r in range(3)]
-    else:
-        assert len(ka) == len(kb) == 3
+    kin = [*ka, *(6 + i for i in kb)]
     node = next(nd for nd in res.model.graph.node if nd.name == "m")
-    assert attr(node, "group") == len(km) // (12 // group)
+    if group == 3:
+        within = [c for c in kin if c < 4]
+        assert kin == [c + 4 * r for r in range(3) for c in within] and len(within) == 2
+        km = kept(o["m.w"], p["m.w"], 0, axis1=within)
+        assert km == [c + 4 * r for r in range(3) for c in km if c < 4] == kept(o["q.w"], p["q.w"], 1)
+        assert attr(node, "group") == 3
+    else:
+        assert kept(o["m.w"], p["m.w"], 0) == kin == kept(o["q.w"], p["q.w"], 1)
+        assert len(ka) == len(kb) == 3 and attr(node, "group") == len(kin)
 
 
 def test_concat_of_a_tensor_with_itself_repeats_its_units() -> None:
