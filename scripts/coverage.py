@@ -47,12 +47,15 @@ def variant(src: Path, **options: object) -> str:
     """Params removed at 30% with a stream option, and the worst output cosine to the dense model;
     '=' where the option changes nothing."""
     try:
-        base = graphprune.prune(src, sparsity=0.3, latency_runs=0, compensate="none").report
         rep = graphprune.prune(src, sparsity=0.3, latency_runs=0, compensate="none", **options).report
     except graphprune.GraphpruneError:
         return "-"
-    if rep.params == base.params:
-        return "="
+    try:
+        base = graphprune.prune(src, sparsity=0.3, latency_runs=0, compensate="none").report
+        if rep.params == base.params:
+            return "="
+    except graphprune.TargetImpossibleError:
+        pass  # nothing prunable without the option
     cosines = [o["cosine"] for o in rep.validation["outputs"] if o.get("cosine") is not None]
     return removed(rep.params) + (f" (cos {min(cosines):.3f})" if cosines else "")
 

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from graphprune.depgraph import DependencyGraph
     from graphprune.surgery import SurgeryContext
 
+APPROXIMATE = ("normalizes over the channel axis: once channels go, its statistics come from the kept ones "
+               "(approximate_norms; the error is measured in validation)")
+
+
 PARAM_ROLES = {"BatchNormalization": ("affine", "bias", "stat", "stat"), "InstanceNormalization": ("affine", "bias")}
 
 
@@ -25,9 +29,16 @@ class PerChannelNorm(Rule):
     def analyze(self, node: NodeProto, g: DependencyGraph) -> None:
         x, y = node.input[0], node.output[0]
         spatial = list(range(2, g.rank(x)))
-        if node.op_type == "InstanceNormalization":
+        if node.op_type == "InstanceNormalization" and g.approximate_norms:
+            # GroupNorm exported as Reshape [N, G, C*H*W] -> InstanceNormalization -> Reshape back
+            for axis in spatial:
+                if (labels := g.tracked(x).get(axis)) is not None:
+                    g.approximate(labels, node, APPROXIMATE)
+            passthrough(g, x, y)
+        elif node.op_type == "InstanceNormalization":
             # its statistics run over the spatial axes: channels tracked there (a Linear's features
-            # used as width) would change every mean; only axis 0 and 1 pass
+            # used as width, GroupNorm's channels merged into one axis) would change every mean;
+            # only axis 0 and 1 pass
             _block_normalized(node, g, spatial)
         elif int(attr(node, "training_mode", 0)) or any(node.output[1:]):
             _block_normalized(node, g, [0, *spatial])  # training: batch statistics over N and space
@@ -59,10 +70,6 @@ def _block_normalized(node: NodeProto, g: DependencyGraph, axes: list[int]) -> N
             for axis, labels in g.tracked(x).items():
                 if axis not in normalized and axis < g.rank(out):
                     g.set_dim(out, axis, labels)
-
-
-APPROXIMATE = ("normalizes over the channel axis: once channels go, its statistics come from the kept ones "
-               "(approximate_norms; the error is measured in validation)")
 
 
 @register("LayerNormalization")
