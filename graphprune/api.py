@@ -29,7 +29,7 @@ from graphprune.inputs import InputSpec, read_arrays, shape_warnings, signature
 from graphprune.loading import load_model
 from graphprune.model import save_model
 from graphprune.normalize import normalize
-from graphprune.passes import fold_batchnorms
+from graphprune.passes import fold_batchnorms, retie
 from graphprune.report import Report
 from graphprune.select import PrunePlan, Selector, control_flow
 from graphprune.shapes import resolve_shapes
@@ -175,6 +175,8 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     # own, and validation then checks the folded model against the original (where `pruned` is `plain`,
     # the equivalence check sees the folded model too)
     graph = {"batchnorms_folded": fold_batchnorms(pruned)} if cfg.fold_bn else {}
+    if work.graph.families:
+        graph["shared_weights_tied"] = retie(pruned, work.graph.families)
     validation: dict[str, Any] = {}
     warnings = an.warnings
     approximate = _approximated(work, plan)

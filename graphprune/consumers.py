@@ -241,4 +241,6 @@ def linear_views(g: DependencyGraph, removed: NDArray[np.bool_]) -> list[LinearV
         if c.index == 0 and not keep.all():
             losing[c.node] = keep
     views = [_view(g, nodes[n], keep) for n, keep in losing.items()]
-    return [v for v in views if v is not None]
+    # a shared weight is fitted to no single use: its copies stay equal and are tied again
+    shared = {name for family in g.families for name in family}
+    return [v for v in views if v is not None and not {v.weight, v.bias} & shared]

@@ -43,11 +43,11 @@ class CostModel:
 
     def params(self, removed_root: NDArray[np.bool_] | None = None) -> int:
         shape = self.shape_fn(removed_root)
-        return sum(math.prod(shape(n)) for n in self.graph.initializers)
+        return sum(math.prod(shape(n)) for n in self.graph.initializers if n not in self.graph.tied)
 
     def bytes(self, removed_root: NDArray[np.bool_] | None = None) -> int:
         shape = self.shape_fn(removed_root)
-        return sum(math.prod(shape(n)) * self._itemsize[n] for n in self.graph.initializers)
+        return sum(math.prod(shape(n)) * self._itemsize[n] for n in self.graph.initializers if n not in self.graph.tied)
 
     def macs(self, removed_root: NDArray[np.bool_] | None = None) -> int:
         shape = self.shape_fn(removed_root)

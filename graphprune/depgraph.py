@@ -17,6 +17,7 @@ from onnx import AttributeProto, ModelProto, NodeProto
 
 from graphprune import shapeflow
 from graphprune.elements import ElementPool, Labels
+from graphprune.normalize import tied_families
 from graphprune.onnxutil import node_name
 from graphprune.protowalk import node_label
 from graphprune.reasons import BlockKind, BlockReason, ShapeUnknown, Unmappable
@@ -52,6 +53,8 @@ class DependencyGraph:
         # each such place recorded in `approximations` instead of blocking
         self.approximate_norms = approximate_norms
         self.approximations: list[tuple[Labels, BlockReason]] = []
+        self.families: list[list[str]] = []  # one shared weight's copies (tied_families), sliced alike
+        self.tied: set[str] = set()  # every copy but the first (counted once)
         self.shapes = shapes
         self.initializers = {t.name: t for t in model.graph.initializer}
         self._const_cache: dict[str, NDArray[Any]] = {}
@@ -81,7 +84,26 @@ class DependencyGraph:
         for out in model.graph.output:
             g.block_tensor(out.name, BlockKind.GRAPH_OUTPUT, "graph output", out.name,
                            "graph outputs keep their shape")
+        g._couple_tied()
         return g
+
+    def _couple_tied(self) -> None:
+        """Copies of one shared weight lose the same positions, so that they stay one tensor; an axis
+        that one use keeps whole is kept by every use."""
+        self.families = tied_families(self.model.graph)
+        for family in self.families:
+            self.tied.update(family[1:])
+            for axis in range(self.rank(family[0])):
+                labels = [self.dims[name].get(axis) for name in family]
+                tracked = [la for la in labels if la is not None]
+                if len(tracked) < len(labels):
+                    for la in tracked:
+                        self.pool.block(la)
+                        self.blocks.append((la, BlockReason(BlockKind.FIXED_OPERAND, family[0], "shared weight",
+                                                            f"'{family[0]}' is shared with a use that keeps axis "
+                                                            f"{axis} whole")))
+                for la in tracked[1:]:
+                    self.union(tracked[0], la)
 
     def _analyze(self, node: NodeProto) -> None:
         rule = rule_for(node)

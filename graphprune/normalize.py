@@ -35,7 +35,7 @@ from graphprune.protowalk import (
 )
 from graphprune.tensors import constant_tensor, densify, static_dims, to_array
 
-__all__ = ["normalize"]
+__all__ = ["normalize", "tied_families"]
 
 # A fold may produce as many elements as its inputs hold together (so Identity, Cast, Transpose,
 # Reshape... of any weight always fold), or this many when that is larger (shape arithmetic and
@@ -359,6 +359,8 @@ def _run_onnxruntime(single: ModelProto, feeds: dict[str, np.ndarray]) -> list[A
 
 # --------------------------------------------------------------------------- shared initializers
 
+_TIED_MIN_ELEMENTS = 16
+
 
 def _unshare_initializers(graph: GraphProto) -> None:
     """Give every node-input use of an initializer its own tensor, so the pruner can slice uses
@@ -382,6 +384,32 @@ def _unshare_initializers(graph: GraphProto) -> None:
             duplicate.name = _fresh_name(name, taken)
             graph.initializer.append(duplicate)
             node.input[position] = duplicate.name
+
+
+def tied_families(graph: GraphProto) -> list[list[str]]:
+    """Initializers that hold one weight: the copies `_unshare_initializers` made of a shared one
+    (ALBERT repeats one layer's weights in every layer) and the duplicates exporters write (the
+    TorchScript exporter stores a shared Linear's weight once per use). Equal content of at least
+    `_TIED_MIN_ELEMENTS` values, not all the same (fills such as zeros or ones are not one weight).
+    The pruner couples each family, so its members stay equal and are tied again after surgery."""
+    buckets: dict[tuple[int, tuple[int, ...], bytes], list[tuple[str, np.ndarray]]] = {}
+    for t in graph.initializer:
+        if math.prod(t.dims) < _TIED_MIN_ELEMENTS:
+            continue
+        value = to_array(t).reshape(-1)
+        head = value[:1024]
+        if (head == head[0]).all():
+            continue
+        buckets.setdefault((t.data_type, tuple(t.dims), head.tobytes()), []).append((t.name, value))
+    families = []
+    for members in buckets.values():
+        while len(members) > 1:
+            first, value = members[0]
+            same = [name for name, other in members[1:] if np.array_equal(other, value)]
+            if same:
+                families.append([first, *same])
+            members = [(n, v) for n, v in members[1:] if n not in same]
+    return families
 
 
 def _fresh_name(base: str, taken: set[str]) -> str:

@@ -1,5 +1,6 @@
 """Clean-up passes on a finished model (after pruning, before validation)."""
 
 from graphprune.passes.fold import fold_batchnorms, folded_affine
+from graphprune.passes.retie import retie
 
-__all__ = ["fold_batchnorms", "folded_affine"]
+__all__ = ["fold_batchnorms", "folded_affine", "retie"]
