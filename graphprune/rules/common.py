@@ -98,6 +98,13 @@ def _expanded_constant(g: DependencyGraph, name: str, axis: int) -> tuple[str, i
     return (src, src_axis) if kept else None
 
 
+def block_axis(labels: Labels, sizes: list[int]) -> int | None:
+    """The one axis of `labels` viewed as `sizes` along which they change, if only one does."""
+    view = labels.reshape(sizes)
+    varying = [k for k in range(len(sizes)) if not np.array_equal(view, np.take(view, [0], axis=k).repeat(sizes[k], k))]
+    return varying[0] if len(varying) == 1 else None
+
+
 def union_blocks(g: DependencyGraph, labels: Labels, block: int) -> Labels:
     """Fuse each run of `block` consecutive positions into one unit; returns one label per run."""
     if block > 1:

@@ -16,7 +16,7 @@ from graphprune import shapeflow
 from graphprune.elements import Labels
 from graphprune.onnxutil import attr, ints
 from graphprune.reasons import BlockKind, Unmappable
-from graphprune.rules.common import axes_of, passthrough, remap
+from graphprune.rules.common import axes_of, block_axis, passthrough, remap
 from graphprune.rules.registry import Rule, register
 from graphprune.shapeflow import ConstRef, DimRef
 
@@ -77,13 +77,6 @@ def _fuse_split(g: DependencyGraph, labels: Labels, sizes: list[int], tracked: i
     return rows[:, 0].copy()
 
 
-def _block_axis(labels: Labels, sizes: list[int]) -> int | None:
-    """The one axis of `labels` viewed as `sizes` along which they change, if only one does."""
-    view = labels.reshape(sizes)
-    varying = [k for k in range(len(sizes)) if not np.array_equal(view, np.take(view, [0], axis=k).repeat(sizes[k], k))]
-    return varying[0] if len(varying) == 1 else None
-
-
 _SAME_AXES = frozenset({"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Identity"})
 
 
@@ -132,7 +125,7 @@ def map_reshape(node: NodeProto, g: DependencyGraph, x: str, y: str) -> None:
             raise Unmappable(BlockKind.LAYOUT, f"reshape {list(in_shape)} -> {list(out_shape)} scrambles axis {axis}")
         if m.kind == "keep":
             g.set_dim(y, m.out_axis, labels)
-        elif m.kind == "split" and (block := _block_axis(labels, [out_shape[b] for b in m.span])) is not None:
+        elif m.kind == "split" and (block := block_axis(labels, [out_shape[b] for b in m.span])) is not None:
             # undoing a merge (GroupNorm's Reshape back from [N, G, C*H*W]): the blocks are channels again
             sizes = [out_shape[b] for b in m.span]
             g.set_dim(y, m.span[block], np.moveaxis(labels.reshape(sizes), block, -1).reshape(-1, sizes[block])[0])

@@ -11,15 +11,32 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 from onnx import NodeProto
 
+from graphprune.elements import Labels
 from graphprune.onnxutil import attr
 from graphprune.reasons import BlockKind, Unmappable
-from graphprune.rules.common import couple_broadcast, remap
+from graphprune.rules.common import block_axis, couple_broadcast, remap
 from graphprune.rules.registry import Rule, register
 
 if TYPE_CHECKING:
     from graphprune.depgraph import DependencyGraph
+    from graphprune.surgery import SurgeryContext
+
+
+def _selected_channels(g: DependencyGraph, data: str, indices: str, axis: int) -> tuple[int, Labels] | None:
+    """(axis of the indices, labels) when constant `indices` into tracked channels of `data` pick
+    channels that vary along one axis of the indices only, so the gathered tensor has them there."""
+    labels = g.tracked(data).get(axis)
+    if labels is None or not g.is_const(indices) or g.rank(indices) == 0:
+        return None
+    index = g.const(indices).astype(np.int64) % labels.size
+    picked = labels[index]
+    along = block_axis(picked.reshape(-1), list(index.shape))
+    if along is None:
+        return None
+    return along, np.moveaxis(picked, along, 0).reshape(index.shape[along], -1)[:, 0].copy()
 
 
 def contract(node: NodeProto, g: DependencyGraph, a_axes: tuple[int | None, int],
@@ -119,4 +136,27 @@ class GatherRule(Rule):
             return
         r_idx = g.rank(indices)
         mapping = {a: a if a < axis else a + r_idx - 1 for a in range(g.rank(data)) if a != axis}
-        remap(g, data, y, mapping, "Gather selects along a channel axis")
+        selected = _selected_channels(g, data, indices, axis)
+        if selected is None:
+            remap(g, data, y, mapping, "Gather selects along a channel axis")
+            return
+        out_axis, labels = selected  # constant indices that keep the channels on one axis (dynamo's as_strided)
+        g.set_dim(indices, out_axis, labels, "const")
+        g.set_dim(y, axis + out_axis, labels)
+        for a, other in g.tracked(data).items():
+            if a != axis:
+                g.set_dim(y, mapping[a], other)
+
+    def rewrite(self, node: NodeProto, sx: SurgeryContext) -> None:
+        """Constant indices into a channel axis that lost positions point at the kept ones' new places
+        (surgery already dropped the indices of removed channels)."""
+        data, indices = node.input[0], node.input[1]
+        axis = int(attr(node, "axis", 0)) % sx.graph.rank(data)
+        keep = sx.keep(data, axis)
+        if keep is None or keep.all() or not sx.graph.is_const(indices):
+            return
+        old = sx.const(indices)
+        position = np.cumsum(keep) - 1
+        wrapped = old % keep.size
+        assert keep[wrapped].all(), "an index of a removed channel survived"
+        sx.set_const(indices, position[wrapped].astype(old.dtype))

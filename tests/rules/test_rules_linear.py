@@ -187,3 +187,32 @@ def test_gather_on_an_activation_moves_axes() -> None:
     res = pruned(m)
     o, p = arrays(m), arrays(res.model)
     assert kept(o["w2"], p["w2"], 0) == kept(o["w1"], p["w1"], 1)
+
+
+@pytest.mark.parametrize("order", ["as_strided", "reversed"])
+def test_gather_with_constant_indices_into_flattened_channels(order: str) -> None:
+    """[B, C, 1, 1] -> Reshape [-1] -> Gather(constant [B, C, 1, 1] indices): the torch dynamo exporter's
+    as_strided. The picked channels vary along one axis of the indices, so they land there, and the
+    indices are rewritten to the kept channels' new positions."""
+    n = Net()
+    y = n.conv(n.input("x", [2, 3, 4, 4]), 3, 8, "p")
+    y = n.op("ReduceMean", [y], axes=[2, 3], keepdims=1)
+    flat = n.op("Reshape", [y, n.const("flat", [-1])])
+    channel = np.arange(8) if order == "as_strided" else np.arange(8)[::-1]
+    index = (np.arange(2)[:, None] * 8 + channel[None, :]).reshape(2, 8, 1, 1)
+    y = n.op("Gather", [flat, n.const("idx", index)], axis=0, name="strided")
+    y = n.op("Flatten", [y], axis=1)
+    n.output(n.op("Gemm", [y, n.w("w2", [8, 5])]))
+    m = n.model()
+    an = graphprune.analyze(m)
+    assert set(an.graph.tracked("strided")) == {1}
+    assert units(an, "w2", 0) == units(an, "p.w", 0)[:: 1 if order == "as_strided" else -1]
+
+    res = pruned(m)  # checks the pruned model against the original with the removed columns zeroed
+    o, p = arrays(m), arrays(res.model)
+    kp = kept(o["p.w"], p["p.w"], 0)
+    assert 0 < len(kp) < 8
+    assert kept(o["w2"], p["w2"], 0) == (kp if order == "as_strided" else sorted(7 - c for c in kp))
+    new_index = p["idx"].reshape(2, -1)
+    assert new_index.tolist() == [[b * len(kp) + (i if order == "as_strided" else len(kp) - 1 - i)
+                                   for i in range(len(kp))] for b in range(2)]
