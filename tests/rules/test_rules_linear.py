@@ -216,3 +216,15 @@ def test_gather_with_constant_indices_into_flattened_channels(order: str) -> Non
     new_index = p["idx"].reshape(2, -1)
     assert new_index.tolist() == [[b * len(kp) + (i if order == "as_strided" else len(kp) - 1 - i)
                                    for i in range(len(kp))] for b in range(2)]
+
+
+def test_gather_of_some_channels_keeps_those_units() -> None:
+    """Gather(channels [0, 2]) of 8: the picked channels go on; the others feed nothing else."""
+    n = Net()
+    y = n.conv(n.input("x", [1, 3, 4, 4]), 3, 8, "p")
+    y = n.op("Gather", [y, n.const("idx", np.array([0, 2]))], axis=1, name="picked")
+    n.output(n.conv(y, 2, 3, "q"))
+    m = n.model()
+    an = graphprune.analyze(m)
+    assert units(an, "q.w", 1) == [units(an, "p.w", 0)[0], units(an, "p.w", 0)[2]]
+    pruned(m)  # equivalent to the original with the removed channels' columns zeroed

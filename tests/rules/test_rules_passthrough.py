@@ -211,8 +211,6 @@ BLOCK: dict[str, Block] = {
     "tile_channels": Block(lambda n, y: n.op("Tile", [y, _i64(n, "reps", [1, 2, 1, 1])]), BlockKind.LAYOUT, q_in=16),
     "expand_single_channel": Block(lambda n, y: n.op("Expand", [y, _i64(n, "shape", [1, 8, 4, 4])]),
                                    BlockKind.LAYOUT, c=1),
-    "gather_channels": Block(lambda n, y: n.op("Gather", [y, _i64(n, "idx", [0, 2])], axis=1), BlockKind.LAYOUT,
-                             q_in=2),
     "strided_slice_channels": Block(lambda n, y: n.op("Slice", [y, _i64(n, "s", [0]), _i64(n, "e", [8]),
                                                            _i64(n, "a", [1]), _i64(n, "st", [2])]),
                                     BlockKind.LAYOUT, q_in=4),
