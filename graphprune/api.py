@@ -241,7 +241,7 @@ def _approximated(work: Analysis, plan: PrunePlan) -> set[str]:
 
 
 def _streams_sliced(an: Analysis, cfg: PruneConfig) -> tuple[Analysis, PruneConfig, dict[str, Any]]:
-    """With streams="rotate": the model with its RMSNorm streams sliced, analysed again, and the target
+    """With streams="rotate": the model with its RMSNorm / LayerNorm streams sliced, analysed again, and the target
     left for the groups (a params or MACs target counts what the streams already removed)."""
     if cfg.streams != "rotate":
         return an, cfg, {}

@@ -143,7 +143,8 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--compensate", choices=COMPENSATIONS, default="obs",
                     help="correct the consumers of removed channels (data-free OBS, default) or not")
     pr.add_argument("--streams", choices=STREAMS, default="keep",
-                    help="rotate: residual streams read through RMSNorm (Llama-style decoders) are turned to their "
+                    help="rotate: residual streams read through RMSNorm or pre-norm LayerNorm (Llama-, GPT-2-style "
+                         "decoders; LayerNorm streams are centred first) are turned to their "
                          "principal directions, which leaves the model's function unchanged, and the weakest "
                          "--sparsity of their width is removed from every writer and reader (exact but for the "
                          "removed directions' energy, reported); keep (default): their width stays")

@@ -53,7 +53,7 @@ class PruneConfig:
     max_model_bytes: int = 4 * 1024**3
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     compensate: Compensation = "obs"
-    # residual streams read through RMSNorm (pre-norm decoders): "keep" their width, or "rotate" them to
+    # residual streams read through RMSNorm or pre-norm LayerNorm (decoders): "keep" their width, or "rotate" them to
     # their principal directions and remove the weakest `sparsity` of them (graphprune/streams/)
     streams: Streams = "keep"
     # cross-channel normalizations (LayerNorm over the last axis, ReduceMean over channels as in RMSNorm)

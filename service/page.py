@@ -28,7 +28,7 @@ def _fields() -> str:
         _select("criterion", "criterion", ("auto", *sorted(CRITERIA)), d.criterion),
         _select("compensate", "compensate removed channels", COMPENSATIONS, d.compensate),
         _select("recover", "recovery (fine-tuning)", RECOVERIES, d.recover),
-        _select("streams", "residual streams (RMSNorm decoders)", STREAMS, d.streams),
+        _select("streams", "residual streams (RMSNorm / pre-LN decoders)", STREAMS, d.streams),
         f'<label>round widths to a multiple of<input name="round_to" data-option="round_to" type="number" min="1" '
         f'value="{d.round_to}"></label>',
         '<label>input shapes (for dynamic inputs)<input name="input_shapes" data-option="input_shapes" data-json="1" '

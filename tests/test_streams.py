@@ -16,6 +16,7 @@ from graphprune.inputs import signature
 from graphprune.loading import load_model
 from graphprune.normalize import normalize
 from graphprune.streams import find_streams, principal_basis, slice_stream, stream_grams
+from graphprune.streams.centre import layernorm_as_rms
 from graphprune.synthetic import batches
 
 DECODERS = ["hf_llama-dynamo", "hf_llama-ts"]
@@ -104,3 +105,51 @@ def test_rotating_a_stream_at_zero_sparsity_keeps_the_function() -> None:
     assert result.report.streams["streams"][0]["kept"] == 64
     assert result.report.streams["output_rel_error"] < 1e-5
     assert all(o["max_rel_err"] < 1e-4 for o in result.report.validation["outputs"])
+
+
+# ---- LayerNorm streams (GPT-2: pre-norm, Gemm layers behind Reshapes, a position table) ---------------
+
+GPT2 = ["hf_gpt2-dynamo", "hf_gpt2-ts"]
+
+
+@pytest.mark.parametrize("name", GPT2)
+def test_a_layernorm_stream_becomes_an_rmsnorm_stream_exactly(name: str) -> None:
+    model = _load(name)
+    assert not find_streams(model)[0]  # read through LayerNormalization: not an RMSNorm stream as it is
+    centred, embeddings, refused = layernorm_as_rms(model)
+    assert centred is not None and not refused and len(embeddings) == 1
+    onnx.checker.check_model(centred, full_check=True)
+    assert not any(n.op_type == "LayerNormalization" for n in centred.graph.node)
+    specs = signature(model, {})
+    test = next(iter(batches(specs, 2, None, "blobs", 99)))
+    assert _rel(_outputs(centred, test), _outputs(model, test)) < 1e-5  # centring + RMS is the same function
+    (stream,), refused = find_streams(centred)
+    assert not refused
+    # wte + the position table, 2 writers per layer (attention and MLP projections), LN 1/2 per layer + ln_f
+    assert (stream.width, len(stream.tables), len(stream.writers), len(stream.norms)) == (32, 1, 4, 5)
+    assert stream.widths, "the Gemms' [B*T, d] Reshapes spell the width out and must follow the slice"
+
+
+@pytest.mark.parametrize("name", GPT2)
+def test_prune_rotates_a_layernorm_stream(name: str) -> None:
+    path = str(zoo.path(name))
+    plain = graphprune.prune(path, {"sparsity": 0.3, "latency_runs": 0})
+    rotated = graphprune.prune(path, {"sparsity": 0.3, "streams": "rotate", "latency_runs": 0})
+    def removed(r: graphprune.PruneResult) -> float:
+        return 1 - r.report.params["after"] / r.report.params["before"]
+
+    assert removed(plain) < 0.2 and removed(rotated) >= 0.35  # 18.2% -> 40.5%
+    (entry,) = rotated.report.streams["streams"]
+    assert (entry["width"], entry["kept"], entry["norm"]) == (32, 23, "LayerNorm (centred to RMSNorm)")
+    assert 0.9 < entry["energy_kept"] < 1.0 and 0 < rotated.report.streams["output_rel_error"] < 0.05
+    (out,) = rotated.report.validation["outputs"]
+    assert 0.99 < out["cosine"] < 1.0
+    assert rotated.report.validation["equivalence"]["passed"]
+    zero = graphprune.prune(path, {"sparsity": 0.0, "streams": "rotate", "latency_runs": 0})
+    assert zero.report.streams["output_rel_error"] < 1e-5 and zero.report.validation["outputs"][0]["max_rel_err"] < 1e-4
+
+
+def test_a_post_norm_stream_is_left_alone_and_says_why() -> None:
+    model = _load("hf_bert_cls-dynamo")
+    centred, _, refused = layernorm_as_rms(model)
+    assert centred is None and len(refused) == 1 and "post-norm block" in refused[0]

@@ -75,6 +75,12 @@ def slice_stream(model: ModelProto, stream: Stream, basis: Basis, keep: int) -> 
         return to_array(inits[name]).astype(np.float64)
 
     put(stream.embedding, get(stream.embedding) @ q)
+    for shape, index in stream.widths:  # Reshapes of the leading axes that spell the width out
+        value = to_array(inits[shape]).copy()
+        value.reshape(-1)[index] = keep
+        inits[shape].CopyFrom(numpy_helper.from_array(value, shape))
+    for table in stream.tables:
+        put(table, get(table) @ q)
     for weight, bias in stream.writers:
         put(weight, get(weight) @ q)
         if bias is not None:

@@ -14,6 +14,7 @@ from graphprune import runtime
 from graphprune.compensate import input_batches
 from graphprune.config import PruneConfig
 from graphprune.inputs import InputSpec
+from graphprune.streams.centre import layernorm_as_rms
 from graphprune.streams.find import find_streams
 from graphprune.streams.rotate import principal_basis, slice_stream, stream_grams
 from graphprune.validate import relative_error
@@ -31,20 +32,30 @@ def kept_width(width: int, cfg: PruneConfig) -> int:
 
 def slice_streams(model: ModelProto, specs: list[InputSpec], cfg: PruneConfig,
                   arrays: runtime.Arrays | None = None) -> tuple[ModelProto | None, dict[str, Any]]:
-    """(the model with every rotatable stream sliced, or None when there is none; the report entry)."""
-    streams, refused = find_streams(model)
-    entry: dict[str, Any] = {"mode": "rotate", "streams": [], "left_alone": refused}
+    """(the model with every rotatable stream sliced, or None when there is none; the report entry).
+
+    LayerNorm streams are first made RMSNorm streams (centre.py), exactly; the rest is the same."""
+    centred, via_layernorm, ln_refused = layernorm_as_rms(model)
+    base = centred if centred is not None else model
+    streams, refused = find_streams(base)
+    found = {s.embedding for s in streams}
+    # a stream refused as an RMSNorm stream because LayerNorm reads it is explained by the LayerNorm pass
+    left_alone = [r for r in refused if "LayerNormalization" not in r] + [
+        r for r in ln_refused if not any(r.startswith(f"stream from embedding '{e}'") for e in found)]
+    entry: dict[str, Any] = {"mode": "rotate", "streams": [], "left_alone": left_alone}
     if not streams:
         return None, entry
-    source, feeds = input_batches(model, specs, cfg, "blobs", cfg.seed)
-    grams = stream_grams(model, streams, feeds, arrays)
-    sliced = copy.deepcopy(model)
+    base_arrays = arrays if centred is None else None  # centring rewrote weights the original's arrays hold
+    source, feeds = input_batches(base, specs, cfg, "blobs", cfg.seed)
+    grams = stream_grams(base, streams, feeds, base_arrays)
+    sliced = copy.deepcopy(base)
     for stream, gram in zip(streams, grams, strict=True):
         basis = principal_basis(gram)
         keep = kept_width(stream.width, cfg)
         slice_stream(sliced, stream, basis, keep)
         entry["streams"].append({
             "stream": stream.name, "embedding": stream.embedding, "width": stream.width, "kept": keep,
+            "norm": "LayerNorm (centred to RMSNorm)" if stream.embedding in via_layernorm else "RMSNorm",
             "writers": len(stream.writers), "norms": len(stream.norms),
             "readers": sum(len(n.readers) for n in stream.norms),
             "energy_kept": round(basis.kept_energy(keep), 6),
