@@ -38,6 +38,7 @@ from graphprune.surgery import apply_plan, masked_reference
 from graphprune.synthetic import batches, dynamic_batch
 from graphprune.validate import Equivalence, Feeds, relative_error, tensor_dtypes, validate
 from graphprune.weights import discard
+from graphprune.widths import group_multiples, measured_multiples
 
 Source = str | os.PathLike[str] | bytes | ModelProto
 Progress = Callable[[str, float], None]
@@ -218,12 +219,14 @@ REALIZED_FLOOR = 0.7  # speed-up over the ideal (1/MACs kept) under which the wi
 FAST_MULTIPLE = 8  # onnxruntime's CPU convs run in a blocked layout of 8 channels (NCHWc)
 
 
-def latency_advice(latency: dict[str, Any], flops: dict[str, int], round_to: int, widths: list[int]) -> str | None:
+def latency_advice(latency: dict[str, Any], flops: dict[str, int], round_to: int | str,
+                   widths: list[int]) -> str | None:
     """A warning when latency fell much less than MACs and the kept widths are not multiples of 8: odd
     widths fall off onnxruntime's NCHWc convolution layout (benchmarks/README.md, profile_latency.py:
     --round-to 8 took five convnets from 0.63 to 0.78 of the ideal). Only on a measured, not noisy, ratio."""
     before, after = latency.get("before"), latency.get("after")
-    if round_to % FAST_MULTIPLE == 0 or not (before and after and flops.get("before")) or latency.get("noisy"):
+    if round_to == "auto" or int(round_to) % FAST_MULTIPLE == 0 or not (before and after and flops.get("before")) \
+            or latency.get("noisy"):
         return None
     kept = flops["after"] / flops["before"]
     realized = before / after * kept
@@ -232,7 +235,8 @@ def latency_advice(latency: dict[str, Any], flops: dict[str, int], round_to: int
         return None
     return (f"latency fell {before / after:.2f}x for {1 / kept:.2f}x fewer MACs ({realized:.2f} of the ideal); "
             f"{len(odd)} pruned group(s) keep widths that are not multiples of {FAST_MULTIPLE} (e.g. {odd[0]}), "
-            f"which onnxruntime's blocked convolution layout handles slowly: try --round-to {FAST_MULTIPLE}")
+            f"which onnxruntime's blocked convolution layout handles slowly: try --round-to auto (what this "
+            f"machine's kernels prefer, measured) or --round-to {FAST_MULTIPLE}")
 
 
 def _approximated(work: Analysis, plan: PrunePlan) -> set[str]:
@@ -346,8 +350,11 @@ def _report(an: Analysis, work: Analysis, final: ModelProto, cfg: PruneConfig, p
     and bytes "after" (folded BNs and compensation's added biases included)."""
     params_after, bytes_after = stored(final)
     groups = work.grouping.groups
+    auto = cfg.round_to == "auto"
+    multiples = group_multiples(work.graph, work.grouping, cfg.round_to) if auto else {}
     pruned_groups = [
         {"id": g.id, "producers": g.producers, "units": g.size, "removed": plan.count(g.id),
+         **({"multiple": multiples[g.id]} if auto else {}),
          **({"approximate": [r.to_dict() for r in g.approximations]} if g.approximations else {})}
         for g in groups if plan.count(g.id)
     ]
@@ -362,7 +369,8 @@ def _report(an: Analysis, work: Analysis, final: ModelProto, cfg: PruneConfig, p
         flops={"before": an.cost.macs(), "after": work.cost.macs(plan.removed_root)},
         bytes={"before": an.cost.bytes(), "after": bytes_after},
         groups={"total": len(groups), "prunable": len(work.grouping.prunable), "pruned": len(pruned_groups),
-                "achieved": round(plan.achieved, 6), "pruned_list": pruned_groups, "blocked": blocked},
+                "achieved": round(plan.achieved, 6), "pruned_list": pruned_groups, "blocked": blocked,
+                **({"round_to_measured": measured_multiples()} if auto else {})},
         validation=validation,
         timings_s=timings,
     )

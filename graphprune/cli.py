@@ -61,6 +61,15 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a size such as 4G, 512M or 1000000, got {text!r}") from None
 
 
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)  # its range is PruneConfig's to check (a usage error, exit 2)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphprune", description="Structured pruning of ONNX models, data-free.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,7 +132,9 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
     scope = pr.add_mutually_exclusive_group()
     scope.add_argument("--global", dest="global_ranking", action="store_true", help="rank units across groups")
     scope.add_argument("--local", dest="global_ranking", action="store_false", help="same ratio per group (default)")
-    pr.add_argument("--round-to", type=int, default=1, help="keep a multiple of N units per group")
+    pr.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
+                    help="keep a multiple of N units per group; auto: the multiple each group's layers run "
+                         "fastest at on this machine, measured once (a few seconds) and cached")
     pr.add_argument("--max-group-sparsity", type=float, default=0.9, help="cap on the fraction removed per group")
     pr.add_argument("--min-channels", type=int, default=1, help="units every group keeps at least")
     pr.add_argument("--exclude", nargs="+", default=[], metavar="NAME",

@@ -43,7 +43,9 @@ class PruneConfig:
     reduction: Reduction = "mean"
     normalizer: Normalizer = "mean"
     global_ranking: bool = False
-    round_to: int = 1
+    # keep each group's width a multiple of this, or "auto": of what its layers run fastest at, measured
+    # on this machine (graphprune/widths.py)
+    round_to: int | Literal["auto"] = 1
     max_group_sparsity: float = 0.9
     min_channels: int = 1
     exclude: list[str] = field(default_factory=list)
@@ -113,8 +115,8 @@ class PruneConfig:
             raise UsageError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
         if self.normalizer not in NORMALIZERS:
             raise UsageError(f"normalizer must be one of {', '.join(NORMALIZERS)}, got {self.normalizer!r}")
-        if self.round_to < 1:
-            raise UsageError(f"round_to must be >= 1, got {self.round_to}")
+        if self.round_to != "auto" and (type(self.round_to) is not int or self.round_to < 1):
+            raise UsageError(f"round_to must be an integer >= 1 or 'auto', got {self.round_to!r}")
         if not 0.0 < self.max_group_sparsity <= 1.0:
             raise UsageError(f"max_group_sparsity must be in (0, 1], got {self.max_group_sparsity}")
         if self.min_channels < 1:

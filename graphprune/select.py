@@ -18,6 +18,7 @@ from graphprune.errors import TargetImpossibleError
 from graphprune.groups import Group, Grouping
 from graphprune.onnxutil import node_name
 from graphprune.protowalk import subgraphs
+from graphprune.widths import group_multiples
 
 TOLERANCE = 0.005
 
@@ -38,12 +39,12 @@ def _max_removable(group: Group, cfg: PruneConfig) -> int:
     return max(0, min(group.free, n - keep_min))
 
 
-def _rounded(group: Group, k: int, cfg: PruneConfig) -> int:
-    """Largest removal <= k that keeps a multiple of round_to (or everything)."""
+def _rounded(group: Group, k: int, multiple: int) -> int:
+    """Largest removal <= k that keeps a multiple of `multiple` (or everything)."""
     n = group.size
     kept = n - k
-    if cfg.round_to > 1 and kept % cfg.round_to:
-        kept = min(n, math.ceil(kept / cfg.round_to) * cfg.round_to)
+    if multiple > 1 and kept % multiple:
+        kept = min(n, math.ceil(kept / multiple) * multiple)
     return n - kept
 
 
@@ -56,6 +57,7 @@ class Selector:
     def __init__(self, graph: DependencyGraph, grouping: Grouping, scores: dict[int, NDArray[np.float64]],
                  cost: CostModel, cfg: PruneConfig) -> None:
         self.graph, self.grouping, self.scores, self.cost, self.cfg = graph, grouping, scores, cost, cfg
+        self.multiples = group_multiples(graph, grouping, cfg.round_to)
         self.cands = [g for g in grouping.prunable if _max_removable(g, cfg) > 0]
         self.total_units = sum(g.size for g in grouping.prunable)
 
@@ -88,7 +90,7 @@ class Selector:
         removed = {}
         for g in self.cands:
             k = min(math.floor(ratio * g.size + 1e-9), _max_removable(g, self.cfg))
-            k = _rounded(g, k, self.cfg)
+            k = _rounded(g, k, self.multiples[g.id])
             if k > 0:
                 removed[g.id] = _lowest(self.scores[g.id], g.blocked, k)
         return self._plan(removed)
@@ -110,7 +112,7 @@ class Selector:
         removed = {}
         by_id = {g.id: g for g in self.cands}
         for gid, units in chosen.items():
-            k = _rounded(by_id[gid], len(units), self.cfg)
+            k = _rounded(by_id[gid], len(units), self.multiples[gid])
             if k > 0:
                 removed[gid] = np.array(sorted(units[:k]), dtype=np.int64)
         return self._plan(removed)
@@ -152,8 +154,9 @@ class Selector:
         if reach < self.cfg.sparsity - TOLERANCE:
             raise TargetImpossibleError(
                 f"at most {reach:.1%} of {self.cfg.target} can be removed under the current limits "
-                f"(max_group_sparsity={self.cfg.max_group_sparsity}, min_channels={self.cfg.min_channels}); "
-                f"asked for {self.cfg.sparsity:.1%}: lower --sparsity or raise --max-group-sparsity")
+                f"(max_group_sparsity={self.cfg.max_group_sparsity}, min_channels={self.cfg.min_channels}, "
+                f"round_to={self.cfg.round_to}); asked for {self.cfg.sparsity:.1%}: lower --sparsity, raise "
+                "--max-group-sparsity or round to a smaller multiple")
         for _ in range(24):
             mid = (lo + hi) / 2
             plan = make(mid)

@@ -18,15 +18,18 @@ from graphprune.streams.centre import layernorm_as_rms
 from graphprune.streams.find import find_streams
 from graphprune.streams.rotate import principal_basis, slice_stream, stream_grams
 from graphprune.validate import relative_error
+from graphprune.widths import measured_multiples
 
 HELD_OUT_BATCHES = 2
 
 
 def kept_width(width: int, cfg: PruneConfig) -> int:
     """The stream width left by `cfg`: the sparsity's share removed under the per-group cap, the rest
-    rounded up to a multiple of round_to (never more removed than asked), at least min_channels."""
+    rounded up to a multiple of round_to (with "auto", of what MatMuls prefer: the stream's writers and
+    readers are all MatMuls), never more removed than asked, at least min_channels."""
     removed = min(math.floor(cfg.sparsity * width), math.floor(cfg.max_group_sparsity * width))
-    keep = min(width, math.ceil((width - removed) / cfg.round_to) * cfg.round_to)
+    multiple = measured_multiples()["matmul"]["multiple"] if cfg.round_to == "auto" else cfg.round_to
+    keep = min(width, math.ceil((width - removed) / multiple) * multiple)
     return max(keep, min(cfg.min_channels, width))
 
 
