@@ -2,7 +2,7 @@
 
     python benchmarks/profile_latency.py [--runs 15] [--sparsity 0.5] [--models ppocr_cls,resnet50]
 
-Each model is pruned to -`sparsity` of its MACs (graphprune's counter) with --round-to 1 and 8, then
+Each model is pruned to -`sparsity` of its MACs (graphprune's counter) with --round-to 1, 8 and auto, then
 dense and pruned models run in one process on one onnxruntime thread, interleaved, `runs` times after
 warm-up: end-to-end medians and IQR, and onnxruntime's profiler per node (kernel time), grouped by
 what the node is (1x1 conv, k x k conv, depthwise conv, MatMul/Gemm, the rest). A kind whose time
@@ -171,7 +171,7 @@ def measure(name: str, sparsity: float, runs: int) -> list[str]:
     path, shapes = MODELS[name]()
     out = Path(tempfile.mkdtemp(prefix="gp-pruned-"))
     paths, reports = {"dense": path}, {}
-    for round_to in (1, 8):
+    for round_to in (1, 8, "auto"):
         t0 = time.perf_counter()
         result = graphprune.prune(str(path), {"sparsity": sparsity, "target": "flops", "round_to": round_to,
                                               "latency_runs": 0, "compensate": "none", "input_shapes": shapes})

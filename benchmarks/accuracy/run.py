@@ -65,6 +65,8 @@ METHODS = (
     Method("obs_crit", "OBS importance + OBS (data-free)", "graphprune", {"criterion": "obs", "compensate": "obs"}),
     Method("obs_crit_calib", "OBS importance + OBS + calibration data", "graphprune",
            {"criterion": "obs", "compensate": "obs"}, calibrated=True),
+    Method("obs_crit_auto", "OBS importance + OBS, --round-to auto (data-free)", "graphprune",
+           {"criterion": "obs", "compensate": "obs", "round_to": "auto"}),
     Method("obs_crit_norms", "OBS importance + OBS, approximate norms (data-free)", "graphprune",
            {"criterion": "obs", "compensate": "obs", "approximate_norms": True}),
     Method("obs_crit_norms_calib", "OBS importance + OBS, approximate norms + calibration data", "graphprune",
