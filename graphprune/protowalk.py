@@ -121,6 +121,16 @@ def all_names(graph: GraphProto) -> set[str]:
     return names
 
 
+def fresh_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`... the first not in `taken`, which it joins."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
 def node_label(node: NodeProto) -> str:
     if node.name:
         return f"{node.op_type} node {node.name!r}"

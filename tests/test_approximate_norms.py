@@ -5,21 +5,9 @@ from __future__ import annotations
 
 import onnx
 import pytest
-import zoo
+from zoo_testing import params_removed, path_or_skip
 
 import graphprune
-
-
-def _path(name: str) -> str:
-    try:
-        return str(zoo.path(name))
-    except zoo.ZooUnavailable as e:
-        pytest.skip(str(e))
-
-
-def _removed(result: graphprune.PruneResult) -> float:
-    return 1 - result.report.params["after"] / result.report.params["before"]
-
 
 # (zoo model, the norm its stream goes through): LayerNorm (ViT, GPT-2, ConvNeXt's channels-last LN),
 # RMSNorm decomposed into ReduceMean (Llama)
@@ -32,10 +20,10 @@ CASES = [("hf_vit-dynamo", "LayerNormalization"), ("hf_vit-ts", "LayerNormalizat
 
 @pytest.mark.parametrize(("name", "op"), CASES)
 def test_the_residual_width_goes_approximately_and_says_so(name: str, op: str) -> None:
-    path = _path(name)
+    path = path_or_skip(name)
     exact = graphprune.prune(path, {"sparsity": 0.3, "latency_runs": 0})
     approx = graphprune.prune(path, {"sparsity": 0.3, "latency_runs": 0, "approximate_norms": True})
-    assert _removed(exact) < 0.2 <= 0.3 <= _removed(approx)
+    assert params_removed(exact) < 0.2 <= 0.3 <= params_removed(approx)
     assert exact.report.validation["equivalence"]["passed"] and "skipped" in approx.report.validation["equivalence"]
     flagged = [g for g in approx.report.groups["pruned_list"] if "approximate" in g]
     assert flagged and all(r["op"] == op for g in flagged for r in g["approximate"])
@@ -47,7 +35,7 @@ def test_the_residual_width_goes_approximately_and_says_so(name: str, op: str) -
 
 
 def test_a_stream_that_reaches_a_graph_output_stays_even_approximately() -> None:
-    path = _path("hf_bert-dynamo")  # last_hidden_state is the stream itself
+    path = path_or_skip("hf_bert-dynamo")  # last_hidden_state is the stream itself
     plain = graphprune.prune(path, {"sparsity": 0.3, "latency_runs": 0})
     approx = graphprune.prune(path, {"sparsity": 0.3, "latency_runs": 0, "approximate_norms": True})
     assert approx.report.params == plain.report.params

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import zoo
+from zoo_testing import path_or_skip
 
 import graphprune
 from graphprune.loading import load_model
@@ -16,20 +16,13 @@ from graphprune.normalize import normalize, tied_families
 pytestmark = pytest.mark.slow  # transformers exports
 
 
-def _path(name: str) -> str:
-    try:
-        return str(zoo.path(name))
-    except zoo.ZooUnavailable as e:
-        pytest.skip(str(e))
-
-
 def _stored(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
 
 
 @pytest.mark.parametrize("name", ["hf_albert-ts", "hf_albert-dynamo"])
 def test_a_weight_shared_by_every_layer_is_pruned_once(name: str) -> None:
-    path = _path(name)
+    path = path_or_skip(name)
     families = tied_families(normalize(load_model(path)).graph)
     assert len(families) >= 10  # every Linear of the one shared layer (and its duplicates)
     original = _stored(onnx.load(path))
@@ -48,7 +41,7 @@ def test_a_weight_shared_by_every_layer_is_pruned_once(name: str) -> None:
 
 def test_a_fill_is_not_a_shared_weight() -> None:
     """Equal zeros or ones (fresh biases, norm scales) are separate parameters that happen to match."""
-    path = _path("hf_albert-dynamo")
+    path = path_or_skip("hf_albert-dynamo")
     graph = normalize(load_model(path)).graph
     values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     for family in tied_families(graph):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,10 @@ def tokenize(sentences: tuple[str, ...]) -> dict[str, np.ndarray]:
     return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
 
 
-def _export() -> ModelProto:
+def _export(similarity: bool = False) -> ModelProto:
+    """The encoder's last_hidden_state; with `similarity`, mean pooling and the batch's Gram matrix are in
+    the graph too: that output [B, B] does not depend on the hidden width, so the residual stream (no
+    longer an output) can be pruned."""
     import torch
     from transformers import AutoModel
     from transformers.utils import logging
@@ -127,45 +131,25 @@ def _export() -> ModelProto:
             self.bert = hf
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if not similarity:
+                return hidden
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return pooled @ pooled.T
 
     # an explicit mask: without it transformers 5 builds one with aten::diff, which TorchScript cannot export
-    example = {k: torch.from_numpy(v[:1]) for k, v in tokenize(SENTENCES).items()}
-    return export_onnx(Encoder(), example, output=OUTPUT)
+    example = {k: torch.from_numpy(v[: 2 if similarity else 1]) for k, v in tokenize(SENTENCES).items()}
+    return export_onnx(Encoder(), example, output=SIMILARITY if similarity else OUTPUT)
 
 
 def onnx_path() -> Path:
     return cached_onnx(CACHE / f"minilm-{fingerprint(DIST, SEQ_LEN, 'transformers')}.onnx", _export)
 
 
-def _export_similarity() -> ModelProto:
-    """The encoder with mean pooling and the batch's Gram matrix in the graph: its output [B, B] does not
-    depend on the hidden width, so the residual stream (no longer an output) can be pruned too."""
-    import torch
-    from transformers import AutoModel
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    hf = AutoModel.from_pretrained(model_dir(), attn_implementation="eager").eval()
-
-    class Similarity(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = hf
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            return pooled @ pooled.T
-
-    example = {k: torch.from_numpy(v[:2]) for k, v in tokenize(SENTENCES).items()}
-    return export_onnx(Similarity(), example, output=SIMILARITY)
-
-
 def similarity_onnx_path() -> Path:
     return cached_onnx(CACHE / f"minilm-similarity-{fingerprint(DIST, SEQ_LEN, 'transformers')}.onnx",
-                       _export_similarity)
+                       lambda: _export(similarity=True))
 
 
 def _cosines(gram: np.ndarray) -> np.ndarray:
@@ -224,27 +208,17 @@ def unlabelled_path() -> Path:
     return cached_npz(path, lambda: tokenize(sentences))
 
 
+def _task(name: str, path: Path, score: Callable[[ModelProto | Path], Scores], note: str) -> Task:
+    return Task(name=name, onnx_path=path, score=score, calibration=calibration_path(), note=note,
+                unlabelled=unlabelled_path(), recover_options={"recover_time": RECOVER_TIME_S})
+
+
 def task() -> Task:
-    return Task(
-        name="minilm-l6",
-        onnx_path=onnx_path(),
-        score=score,
-        calibration=calibration_path(),
-        note="Torch-Pruning not run: its residual-stream group would change the width of the output "
-             "(last_hidden_state) that the score compares",
-        unlabelled=unlabelled_path(),
-        recover_options={"recover_time": RECOVER_TIME_S},
-    )
+    return _task("minilm-l6", onnx_path(), score, "Torch-Pruning not run: its residual-stream group would change "
+                 "the width of the output (last_hidden_state) that the score compares")
 
 
 def similarity_task() -> Task:
-    return Task(
-        name="minilm-l6-sim",
-        onnx_path=similarity_onnx_path(),
-        score=score_similarity,
-        calibration=calibration_path(),
-        note="the same encoder with mean pooling and the batch's Gram matrix in the graph, so the hidden "
-             "width is not an output; Torch-Pruning not run",
-        unlabelled=unlabelled_path(),
-        recover_options={"recover_time": RECOVER_TIME_S},
-    )
+    return _task("minilm-l6-sim", similarity_onnx_path(), score_similarity,
+                 "the same encoder with mean pooling and the batch's Gram matrix in the graph, so the hidden "
+                 "width is not an output; Torch-Pruning not run")

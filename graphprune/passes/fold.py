@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 from onnx import GraphProto, ModelProto, NodeProto, numpy_helper
 
 from graphprune.onnxutil import attr, set_attr
-from graphprune.protowalk import DEFAULT_DOMAINS, all_names, delete_at, node_reads
+from graphprune.protowalk import DEFAULT_DOMAINS, all_names, delete_at, fresh_name, node_reads
 from graphprune.tensors import to_array
 from graphprune.weights import Spill, is_mapped
 
@@ -163,7 +163,7 @@ class _Folder:
         if site.bias is not None:
             self._put(site.bias, bias)
         else:
-            name = self._fresh(f"{site.weight}_bias")
+            name = fresh_name(f"{site.weight}_bias", self.taken)
             self._put(name, bias)
             if node.op_type == "MatMul":
                 node.op_type = "Gemm"  # the same 2-D product, with the bias it now needs
@@ -195,14 +195,6 @@ class _Folder:
             self.reads[name] += 1
         else:
             old.CopyFrom(new)
-
-    def _fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
 
     def finish(self, folded: list[int]) -> None:
         """Drop the folded BNs, the parameters no one reads any more and the producers' old outputs' shapes."""

@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from graphprune.onnxutil import attr, node_name
+from graphprune.protowalk import fresh_name
 from graphprune.streams.find import Stream, _Graph, _linear_readers, find_streams
 from graphprune.tensors import to_array
 
@@ -72,11 +73,7 @@ class _Rewriter:
         self.inits[name].CopyFrom(numpy_helper.from_array(value.astype(self.value(name).dtype), name))
 
     def new_init(self, base: str, value: NDArray[Any]) -> str:
-        name, k = base, 0
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
+        name = fresh_name(base, self.taken)
         tensor = numpy_helper.from_array(value, name)
         self.model.graph.initializer.append(tensor)
         self.inits[name] = tensor
@@ -147,9 +144,4 @@ class _Rewriter:
             del self.inits[t.name]
 
     def fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
+        return fresh_name(base, self.taken)
