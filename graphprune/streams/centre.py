@@ -19,8 +19,8 @@ from numpy.typing import NDArray
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from graphprune.onnxutil import attr, node_name
-from graphprune.protowalk import fresh_name
-from graphprune.streams.find import Stream, _Graph, _linear_readers, find_streams
+from graphprune.protowalk import all_names, fresh_name
+from graphprune.streams.find import Stream, find_streams
 from graphprune.tensors import to_array
 
 
@@ -32,8 +32,10 @@ def layernorm_as_rms(model: ModelProto) -> tuple[ModelProto | None, list[str], l
         return None, [], refused
     rewritten = copy.deepcopy(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    rewriter = _Rewriter(rewritten, opset)
     for stream in find_streams(rewritten, layernorm=True)[0]:
-        _Rewriter(rewritten, opset).run(stream)
+        rewriter.run(stream)
+    rewriter.rebuild()  # once, after every stream: the found nodes belong to the graph as it was
     return rewritten, [s.embedding for s in streams], refused
 
 
@@ -42,7 +44,7 @@ class _Rewriter:
         self.model = model
         self.opset = opset
         self.inits = {t.name: t for t in model.graph.initializer}
-        self.taken = {n for node in model.graph.node for n in [*node.input, *node.output]} | set(self.inits)
+        self.taken = all_names(model.graph)
         self.instead: dict[str, list[NodeProto]] = {}  # a node's first output -> the nodes that take its place
         self.shifts: set[str] = set()
 
@@ -54,16 +56,12 @@ class _Rewriter:
             self._centre(weight, axis=1)
             if bias is not None:
                 self._centre(bias, axis=0)
-        g = _Graph(self.model)
-        readers = {ln.output[0]: _linear_readers(g, ln.output[0], stream.width, stream.rank)
-                   for ln in stream.layernorms}
-        for ln in stream.layernorms:
+        for ln, readers in stream.layernorms:
             self.shifts.add(ln.input[2])
             shift = self.value(ln.input[2]).astype(np.float64)
-            for reader in readers[ln.output[0]]:
+            for reader in readers:
                 self._add_bias(reader, shift @ self.value(reader.input[1]).astype(np.float64))
             self._replace(ln)
-        self._rebuild()
 
     # ---- values ----------------------------------------------------------------------------------
     def value(self, name: str) -> NDArray[Any]:
@@ -126,7 +124,7 @@ class _Rewriter:
             node.name = self.fresh(f"{base}_rms_{k}")
         self.instead[out] = nodes
 
-    def _rebuild(self) -> None:
+    def rebuild(self) -> None:
         """The node list with every replacement in place (order kept: the graph stays sorted)."""
         ordered: list[NodeProto] = []
         for node in self.model.graph.node:

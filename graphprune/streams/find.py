@@ -40,7 +40,8 @@ class Stream:
     writers: list[tuple[str, str | None]] = field(default_factory=list)  # ([m, d] weight, [d] bias or None)
     tables: list[str] = field(default_factory=list)  # constants [..., d] added to it (position embeddings)
     norms: list[Norm] = field(default_factory=list)
-    layernorms: list[NodeProto] = field(default_factory=list)  # with layernorm=True: the LNs reading it
+    # with layernorm=True: the LNs reading it, each with the MatMul / Gemm nodes that read its output
+    layernorms: list[tuple[NodeProto, list[NodeProto]]] = field(default_factory=list)
     widths: list[tuple[str, int]] = field(default_factory=list)  # (shape constant, flat index) saying d
     rank: int = 3  # of the stream tensor ([batch, sequence, d])
 
@@ -240,15 +241,15 @@ def _linear_readers(g: _Graph, tensor: str, width: int, rank: int) -> list[NodeP
     return readers
 
 
-def _layernorm(g: _Graph, node: NodeProto, width: int, rank: int) -> NodeProto:
-    """A LayerNormalization over the last axis with constant [d] scale and bias, read by linear maps."""
+def _layernorm(g: _Graph, node: NodeProto, width: int, rank: int) -> tuple[NodeProto, list[NodeProto]]:
+    """A LayerNormalization over the last axis with constant [d] scale and bias, and the linear maps
+    that read it."""
     params = [i for i in node.input[1:3] if i]
     if int(attr(node, "axis", -1)) % rank != rank - 1 or any(node.output[1:]) or len(params) != 2 \
             or any(p not in g.inits or list(g.inits[p].dims) != [width] for p in params):
         raise NotAStream(f"LayerNormalization '{node_name(node)}' is not over the last axis with constant "
                          f"[{width}] scale and bias")
-    _linear_readers(g, node.output[0], width, rank)
-    return node
+    return node, _linear_readers(g, node.output[0], width, rank)
 
 
 def _leading_dims_only(g: _Graph, shape: NodeProto, rank: int) -> None:
