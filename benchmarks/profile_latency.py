@@ -2,12 +2,13 @@
 
     python benchmarks/profile_latency.py [--runs 15] [--sparsity 0.5] [--models ppocr_cls,resnet50]
 
-Each model is pruned to -`sparsity` of its MACs (graphprune's counter) with --round-to 1, 8 and auto, then
-dense and pruned models run in one process on one onnxruntime thread, interleaved, `runs` times after
+Each model is pruned to -`sparsity` of its MACs (graphprune's counter) with --round-to 1, 8 and auto, and
+to -`sparsity` of its latency (--target latency, its default widths: auto), then dense and pruned models run in one process on one onnxruntime thread, interleaved, `runs` times after
 warm-up: end-to-end medians and IQR, and onnxruntime's profiler per node (kernel time), grouped by
 what the node is (1x1 conv, k x k conv, depthwise conv, MatMul/Gemm, the rest). A kind whose time
 falls less than its MACs is where the realized speed-up is lost. Real convnets: the three PP-OCR
-graphs rapidocr ships, and transformers' ResNet-50 and MobileNetV2 (random weights, exported here).
+graphs rapidocr ships, and transformers' ResNet-50, MobileNetV2 and EfficientNet-B0 (random weights,
+exported here).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def _hf(kind: str) -> Callable[[], tuple[Path, dict[str, list[int]]]]:
             torch.manual_seed(0)
             if kind == "resnet50":
                 hf: Any = transformers.ResNetForImageClassification._from_config(transformers.ResNetConfig())
+            elif kind == "efficientnet_b0":  # the config's defaults are B7's scaling: B0 is 1.0 / 1.0 at 224
+                hf = transformers.EfficientNetForImageClassification._from_config(transformers.EfficientNetConfig(
+                    width_coefficient=1.0, depth_coefficient=1.0, image_size=224, hidden_dim=1280, dropout_rate=0.2))
             else:
                 hf = transformers.MobileNetV2ForImageClassification._from_config(transformers.MobileNetV2Config())
 
@@ -77,7 +81,7 @@ def _hf(kind: str) -> Callable[[], tuple[Path, dict[str, list[int]]]]:
 MODELS: dict[str, Callable[[], tuple[Path, dict[str, list[int]]]]] = {
     "ppocr_det": _zoo("ppocr_det", [1, 3, 320, 320]), "ppocr_cls": _zoo("ppocr_cls", [1, 3, 48, 192]),
     "ppocr_rec": _zoo("ppocr_rec", [1, 3, 48, 320]),
-    "resnet50": _hf("resnet50"), "mobilenetv2": _hf("mobilenetv2"),
+    "resnet50": _hf("resnet50"), "mobilenetv2": _hf("mobilenetv2"), "efficientnet_b0": _hf("efficientnet_b0"),
 }
 
 
@@ -162,6 +166,13 @@ def kind_of_event(args: dict[str, Any]) -> str:
     return "other"
 
 
+# (label, target, round_to): -sparsity of the MACs at each rounding, and -sparsity of the latency with
+# the latency target's defaults (widths at the measured multiples)
+VARIANTS: tuple[tuple[str, str, int | str | None], ...] = (
+    ("round-to 1", "flops", 1), ("round-to 8", "flops", 8), ("round-to auto", "flops", "auto"),
+    ("target latency", "latency", None))
+
+
 def measure(name: str, sparsity: float, runs: int) -> list[str]:
     import graphprune
     from graphprune.inputs import signature
@@ -171,12 +182,11 @@ def measure(name: str, sparsity: float, runs: int) -> list[str]:
     path, shapes = MODELS[name]()
     out = Path(tempfile.mkdtemp(prefix="gp-pruned-"))
     paths, reports = {"dense": path}, {}
-    for round_to in (1, 8, "auto"):
+    for label, target, round_to in VARIANTS:
         t0 = time.perf_counter()
-        result = graphprune.prune(str(path), {"sparsity": sparsity, "target": "flops", "round_to": round_to,
+        result = graphprune.prune(str(path), {"sparsity": sparsity, "target": target, "round_to": round_to,
                                               "latency_runs": 0, "compensate": "none", "input_shapes": shapes})
-        label = f"round-to {round_to}"
-        paths[label] = out / f"{name}-r{round_to}.onnx"
+        paths[label] = out / f"{name}-{label.replace(' ', '_')}.onnx"
         result.save(paths[label])
         reports[label] = (result.report, time.perf_counter() - t0)
     model = load_model(str(path))
@@ -184,15 +194,19 @@ def measure(name: str, sparsity: float, runs: int) -> list[str]:
     prof = profiled(paths, feeds, runs)
     macs = {"dense": macs_by_kind(path, shapes), **{label: macs_by_kind(paths[label], shapes) for label in reports}}
     rows = [f"### {name}", "",
-            "| model | MACs kept | latency ms (median ± IQR) | speed-up | of the ideal 1/MACs kept |",
-            "|---|---|---|---|---|"]
+            "| model | MACs kept | latency ms (median ± IQR) | latency kept | speed-up | of the ideal 1/MACs kept "
+            "| prune s |", "|---|---|---|---|---|---|---|"]
     base = prof["dense"]["median_ms"]
-    rows.append(f"| dense | 100% | {base:.2f} ± {prof['dense']['iqr_ms']:.2f} | 1.00x | |")
-    for label, (rep, _) in reports.items():
+    rows.append(f"| dense | 100% | {base:.2f} ± {prof['dense']['iqr_ms']:.2f} | 100% | 1.00x | | |")
+    for label, (rep, seconds) in reports.items():
         kept = rep.flops["after"] / rep.flops["before"]
         speed = base / prof[label]["median_ms"]
         rows.append(f"| {label} | {kept:.0%} | {prof[label]['median_ms']:.2f} ± {prof[label]['iqr_ms']:.2f} "
-                    f"| {speed:.2f}x | {speed * kept:.2f} |")
+                    f"| {1 / speed:.1%} | {speed:.2f}x | {speed * kept:.2f} | {seconds:.1f} |")
+        if rep.latency:
+            t = rep.latency
+            rows.append(f"| (its own measurement while pruning) | | {t['measured_ms']:.2f} of {t['dense_ms']:.2f} "
+                        f"(predicted {t['predicted_ms']:.2f}) | {t['measured_ms'] / t['dense_ms']:.1%} | | | |")
     rows += ["", "| kind | dense kernel ms | dense MACs share | "
              + " | ".join(f"{lab}: kernel time kept / MACs kept" for lab in reports) + " |",
              "|---|---|---|" + "---|" * len(reports)]

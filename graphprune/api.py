@@ -22,10 +22,11 @@ from graphprune.compensate import Compensation, HeldOutErrors, LayerStatistics, 
 from graphprune.config import PruneConfig
 from graphprune.cost import CostModel, stored
 from graphprune.depgraph import DependencyGraph
-from graphprune.errors import UsageError
+from graphprune.errors import TargetImpossibleError, UsageError
 from graphprune.groups import Grouping, build_groups
 from graphprune.importance import ScoringContext, criterion, group_scores
 from graphprune.inputs import InputSpec, read_arrays, shape_warnings, signature
+from graphprune.latency import SAMPLES, build_table, interleaved_ms
 from graphprune.loading import load_model
 from graphprune.model import save_model
 from graphprune.normalize import normalize
@@ -155,7 +156,12 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     scores = {g.id: group_scores(work.graph, g, crit, cfg.reduction, cfg.normalizer, rng)
               for g in work.grouping.prunable}
     lap("score", 0.4)
-    plan = Selector(work.graph, work.grouping, scores, work.cost, run_cfg).select()
+    selector = Selector(work.graph, work.grouping, scores, work.cost, run_cfg)
+    latency: dict[str, Any] = {}
+    if run_cfg.target == "latency" and run_cfg.sparsity > 0 and selector.cands:
+        plan, latency = _toward_latency(an, work, selector, cfg, lambda f: step("latency table", 0.4 + 0.08 * f))
+    else:
+        plan = selector.select()
     lap("select", 0.5)
     plain = apply_plan(work.graph, plan.removed_root)
     pruned, comp = plain, Compensation()
@@ -202,7 +208,8 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
         discard(plain.graph.initializer)  # its scratch weights (a mapped model's) are not needed now
     report = _report(an, work, pruned, cfg, plan, validation, timings)
     report.streams = streams
-    advice = latency_advice(validation.get("latency_ms") or {}, report.flops, cfg.round_to,
+    report.latency = latency
+    advice = latency_advice(validation.get("latency_ms") or {}, report.flops, cfg.multiple,
                             [g["units"] - g["removed"] for g in report.groups["pruned_list"]])
     report.warnings = warnings + ([advice] if advice else [])
     report.compensation = comp.to_dict()
@@ -213,6 +220,66 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     report.graph = graph
     step("done", 1.0)
     return PruneResult(pruned, report, plan)
+
+
+LATENCY_SLACK = 0.03  # measured kept latency within this share of the target: no correction
+LATENCY_CORRECTIONS = 2
+
+
+def _toward_latency(an: Analysis, work: Analysis, selector: Selector, cfg: PruneConfig,
+                    progress: Callable[[float], None]) -> tuple[PrunePlan, dict[str, Any]]:
+    """Select toward `cfg.sparsity` of the original's one-thread latency: on the table measured on the
+    analysed model's layers, then measured end to end (the uncompensated pruned model against the
+    original, interleaved) and the predicted target corrected where the two disagree, at most
+    LATENCY_CORRECTIONS times; the plan measured closest to the target is kept."""
+    feeds = next(iter(batches(an.specs, 1, None, "blobs", cfg.seed)))
+    samples = [(p.removed_root, apply_plan(work.graph, p.removed_root)) for p in map(selector.local, SAMPLES)]
+    selector.latency = table = build_table(work.graph, work.cost, samples, feeds, progress=progress)
+    del samples
+    goal = 1.0 - cfg.sparsity  # kept share of the original's latency
+    base = selector.cfg
+    aim = 1.0 - base.sparsity  # kept share of the predicted latency the selector aims at
+    tries: list[dict[str, Any]] = []
+    plans: list[PrunePlan] = []
+    for _ in range(LATENCY_CORRECTIONS + 1):
+        selector.cfg = replace(base, sparsity=min(max(1.0 - aim, 0.0), 0.99))
+        try:
+            plan = selector.select()
+        except TargetImpossibleError:
+            if not tries:
+                raise
+            break  # the correction asked for more than the limits allow: keep the closest so far
+        dense_ms, pruned_ms = interleaved_ms([an.model, apply_plan(work.graph, plan.removed_root)], feeds,
+                                             arrays=an.graph.known_const)
+        tries.append({"aim": aim, "kept": pruned_ms / dense_ms, "measured_ms": round(pruned_ms, 3),
+                      "predicted_ms": round(table.predict(plan.removed_root), 3), "dense_ms": round(dense_ms, 3)})
+        plans.append(plan)
+        if abs(tries[-1]["kept"] / goal - 1) <= LATENCY_SLACK:
+            break
+        aim = _next_aim(tries, goal)
+    selector.cfg = base
+    best = min(range(len(tries)), key=lambda i: abs(tries[i]["kept"] / goal - 1))
+    plan, chosen = plans[best], tries[best]
+    plan.achieved = 1.0 - chosen["kept"]
+    return plan, {"target_ms": round(goal * chosen["dense_ms"], 3), "predicted_ms": chosen["predicted_ms"],
+                  "measured_ms": chosen["measured_ms"], "dense_ms": chosen["dense_ms"],
+                  "measured_over_target": round(chosen["kept"] / goal, 3), "threads": 1,
+                  "selections": [{k: t[k] for k in ("predicted_ms", "measured_ms", "dense_ms")} for t in tries],
+                  "table": table.describe()}
+
+
+def _next_aim(tries: list[dict[str, Any]], goal: float) -> float:
+    """The predicted share to aim at next: interpolated between the closest measured selections on either
+    side of the goal, else scaled by how far the closest one missed."""
+    below = [t for t in tries if t["kept"] < goal]
+    above = [t for t in tries if t["kept"] >= goal]
+    if below and above:
+        lo = max(below, key=lambda t: t["kept"])
+        hi = min(above, key=lambda t: t["kept"])
+        if hi["kept"] > lo["kept"]:
+            return float(lo["aim"] + (goal - lo["kept"]) * (hi["aim"] - lo["aim"]) / (hi["kept"] - lo["kept"]))
+    closest = min(tries, key=lambda t: abs(t["kept"] - goal))
+    return float(closest["aim"] * goal / closest["kept"])
 
 
 REALIZED_FLOOR = 0.7  # speed-up over the ideal (1/MACs kept) under which the width advice is given
@@ -255,7 +322,9 @@ def _streams_sliced(an: Analysis, cfg: PruneConfig) -> tuple[Analysis, PruneConf
     work = analyze(sliced, cfg, input_shapes={s.name: list(s.shape) for s in an.specs})
     if cfg.target == "channels":
         return work, cfg, entry
-    measure = {"params": lambda a: a.cost.params(), "flops": lambda a: a.cost.macs()}[cfg.target]
+    # a latency target is shared out as MACs: what the streams save is then measured end to end
+    measure = {"params": lambda a: a.cost.params(), "flops": lambda a: a.cost.macs(),
+               "latency": lambda a: a.cost.macs()}[cfg.target]
     left = max(0.0, 1.0 - (1.0 - cfg.sparsity) * measure(an) / max(1, measure(work)))
     return work, replace(cfg, sparsity=left), entry
 
@@ -350,8 +419,8 @@ def _report(an: Analysis, work: Analysis, final: ModelProto, cfg: PruneConfig, p
     and bytes "after" (folded BNs and compensation's added biases included)."""
     params_after, bytes_after = stored(final)
     groups = work.grouping.groups
-    auto = cfg.round_to == "auto"
-    multiples = group_multiples(work.graph, work.grouping, cfg.round_to) if auto else {}
+    auto = cfg.multiple == "auto"
+    multiples = group_multiples(work.graph, work.grouping, cfg.multiple) if auto else {}
     pruned_groups = [
         {"id": g.id, "producers": g.producers, "units": g.size, "removed": plan.count(g.id),
          **({"multiple": multiples[g.id]} if auto else {}),

@@ -1,5 +1,9 @@
 """Which units to remove: local (same ratio in every group) or global ranking, toward a target of
-channels, parameters or MACs, under per-group caps, a minimum width and round-to-multiple."""
+channels, parameters, MACs or latency, under per-group caps, a minimum width and round-to-multiple.
+
+Toward latency the global ranking orders units by importance per millisecond their removal saves
+(each group's saving per unit from the measured table, graphprune/latency.py): a unit of an expensive
+layer goes before an equally unimportant one of a cheap layer."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from graphprune.cost import CostModel
 from graphprune.depgraph import DependencyGraph
 from graphprune.errors import TargetImpossibleError
 from graphprune.groups import Group, Grouping
+from graphprune.latency import LatencyTable
 from graphprune.onnxutil import node_name
 from graphprune.protowalk import subgraphs
 from graphprune.widths import group_multiples
@@ -57,9 +62,11 @@ class Selector:
     def __init__(self, graph: DependencyGraph, grouping: Grouping, scores: dict[int, NDArray[np.float64]],
                  cost: CostModel, cfg: PruneConfig) -> None:
         self.graph, self.grouping, self.scores, self.cost, self.cfg = graph, grouping, scores, cost, cfg
-        self.multiples = group_multiples(graph, grouping, cfg.round_to)
+        self.multiples = group_multiples(graph, grouping, cfg.multiple)
         self.cands = [g for g in grouping.prunable if _max_removable(g, cfg) > 0]
         self.total_units = sum(g.size for g in grouping.prunable)
+        self.latency: LatencyTable | None = None  # set before selecting toward a latency target
+        self._ms_per_unit: dict[int, float] | None = None
 
     def _plan(self, removed: dict[int, NDArray[np.int64]]) -> PrunePlan:
         removed_root = np.zeros(self.grouping.roots.size, dtype=bool)
@@ -96,8 +103,9 @@ class Selector:
         return self._plan(removed)
 
     def global_(self, count: int) -> PrunePlan:
+        per_ms = self.ms_per_unit() if self.cfg.target == "latency" else {}
         entries = sorted(
-            (float(self.scores[g.id][u]), g.id, u)
+            (float(self.scores[g.id][u]) / per_ms.get(g.id, 1.0), g.id, u)
             for g in self.cands for u in range(g.size) if not g.blocked[u]
         )
         caps = {g.id: _max_removable(g, self.cfg) for g in self.cands}
@@ -117,9 +125,32 @@ class Selector:
                 removed[gid] = np.array(sorted(units[:k]), dtype=np.int64)
         return self._plan(removed)
 
+    def ms_per_unit(self) -> dict[int, float]:
+        """Per group, the predicted milliseconds one unit saves, averaged over removing half of what it
+        may lose: kernels pad channels to their blocking (16 here), so a few units may save nothing."""
+        if self._ms_per_unit is None:
+            table = self._table()
+            dense = table.predict()
+            self._ms_per_unit = {}
+            for g in self.cands:
+                k = max(1, _max_removable(g, self.cfg) // 2)
+                units = _lowest(self.scores[g.id], g.blocked, k)
+                removed = np.zeros(self.grouping.roots.size, dtype=bool)
+                removed[g.roots[units]] = True
+                self._ms_per_unit[g.id] = max((dense - table.predict(removed)) / max(1, units.size), 1e-6)
+        return self._ms_per_unit
+
+    def _table(self) -> LatencyTable:
+        if self.latency is None:
+            raise RuntimeError("a latency target needs Selector.latency, the measured table")
+        return self.latency
+
     def measure(self, plan: PrunePlan) -> float:
         if self.cfg.target == "channels":
             return sum(v.size for v in plan.removed.values()) / max(1, self.total_units)
+        if self.cfg.target == "latency":
+            table = self._table()
+            return 1.0 - table.predict(plan.removed_root) / table.predict()
         fn: Callable[[NDArray[np.bool_] | None], int] = (
             self.cost.params if self.cfg.target == "params" else self.cost.macs)
         base = fn(None)
@@ -155,7 +186,7 @@ class Selector:
             raise TargetImpossibleError(
                 f"at most {reach:.1%} of {self.cfg.target} can be removed under the current limits "
                 f"(max_group_sparsity={self.cfg.max_group_sparsity}, min_channels={self.cfg.min_channels}, "
-                f"round_to={self.cfg.round_to}); asked for {self.cfg.sparsity:.1%}: lower --sparsity, raise "
+                f"round_to={self.cfg.multiple}); asked for {self.cfg.sparsity:.1%}: lower --sparsity, raise "
                 "--max-group-sparsity or round to a smaller multiple")
         for _ in range(24):
             mid = (lo + hi) / 2

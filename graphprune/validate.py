@@ -153,7 +153,7 @@ def equivalent(ref: dict[str, NDArray[Any]], got: dict[str, NDArray[Any]]) -> tu
     return ok, worst
 
 
-def _times(sessions: list[ort.InferenceSession], feeds: Feeds, runs: int) -> list[list[float]]:
+def run_times(sessions: list[ort.InferenceSession], feeds: Feeds, runs: int) -> list[list[float]]:
     """`runs` timed runs of each session in turn (a, b, a, b, ...) after a warm-up run each: load from
     other processes then falls on every model alike instead of on whichever ran during it."""
     for sess in sessions:
@@ -238,7 +238,7 @@ def validate(original: ModelProto, pruned: ModelProto, feeds: Sequence[Feeds], l
     if together:
         runtime.run(sess, timing)  # the original must run at the timing shape before the pruned one is blamed
     elif timed:
-        times["before"] = _times([sess], timing, latency_runs)[0]
+        times["before"] = run_times([sess], timing, latency_runs)[0]
     kept = sess if together else None
     del sess  # unless both are timed together, one model's weights at a time
     try:
@@ -255,9 +255,9 @@ def validate(original: ModelProto, pruned: ModelProto, feeds: Sequence[Feeds], l
                     agreements[name] = Agreement(name, r)
                 agreements[name].add(r, got[name])
         if kept is not None:
-            times["before"], times["after"] = _times([kept, pruned_sess], timing, latency_runs)
+            times["before"], times["after"] = run_times([kept, pruned_sess], timing, latency_runs)
         elif timed:
-            times["after"] = _times([pruned_sess], timing, latency_runs)[0]
+            times["after"] = run_times([pruned_sess], timing, latency_runs)[0]
     except InvalidModelError as exc:
         raise ValidationFailedError(f"the pruned model does not run in onnxruntime: {exc}") from exc
     del kept, pruned_sess, refs

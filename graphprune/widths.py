@@ -12,22 +12,20 @@ per onnxruntime version and CPU (`GRAPHPRUNE_CACHE_DIR`, else ~/.cache/graphprun
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import os
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
+from graphprune.machine import machine_key, one_thread_session, read_cache, write_cache
+
 if TYPE_CHECKING:
     from graphprune.depgraph import DependencyGraph
     from graphprune.groups import Grouping
 
+CACHE = "widths.json"
 KINDS = ("conv", "depthwise", "matmul")
 CANDIDATES = (4, 8, 16)
 WINDOW = range(33, 65)  # widths timed: every multiple of 4, 8 and 16 appears at least twice
@@ -39,44 +37,17 @@ CHAIN = 4  # blocks per timed chain
 
 def measured_multiples() -> dict[str, dict[str, Any]]:
     """Per kind: the preferred multiple and the per-MAC cost ratio of each candidate (cached)."""
-    return dict(_cached(_machine_key()))
+    return dict(_cached(machine_key()))
 
 
 @functools.cache
 def _cached(key: str) -> tuple[tuple[str, dict[str, Any]], ...]:
-    path = _cache_dir() / "widths.json"
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        stored = {}
-    if key not in stored:
-        stored[key] = {kind: _measure(kind) for kind in KINDS}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(stored, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only home: measure again next time
-    return tuple(stored[key].items())
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("GRAPHPRUNE_CACHE_DIR") or Path.home() / ".cache" / "graphprune")
-
-
-def _machine_key() -> str:
-    import onnxruntime as ort
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
-        flags = next((ln.split(":", 1)[1] for ln in lines if ln.startswith("flags")), "")
-        cpu += " " + hashlib.sha256(flags.encode()).hexdigest()[:8]
-    except OSError:
-        pass
-    return f"onnxruntime {ort.__version__} | {cpu}"
+    """The table for machine `key` (the argument keys the in-process cache), measured once per machine."""
+    table = read_cache(CACHE)
+    if not all(kind in table for kind in KINDS):
+        table = {kind: _measure(kind) for kind in KINDS}
+        write_cache(CACHE, table)
+    return tuple(table.items())
 
 
 def _measure(kind: str) -> dict[str, Any]:
@@ -145,12 +116,8 @@ def _op(kind: str, c: int, blocks: int) -> tuple[ModelProto, dict[str, np.ndarra
 
 def _time(case: tuple[ModelProto, dict[str, np.ndarray]]) -> float:
     """Fastest of RUNS single-threaded runs (the minimum is what the kernel costs; noise only adds)."""
-    import onnxruntime as ort
-
     model, feeds = case
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = one_thread_session(model)
     sess.run(None, feeds)
     best = float("inf")
     for _ in range(RUNS):

@@ -15,6 +15,7 @@ import graphprune
 from graphprune import widths
 from graphprune.cli import main as cli_main
 from graphprune.errors import UsageError
+from graphprune.machine import machine_key
 
 TABLE = {"conv": {"multiple": 8}, "depthwise": {"multiple": 4}, "matmul": {"multiple": 1}}
 
@@ -34,7 +35,7 @@ def _inverted_residual() -> Any:
 def table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """This machine's measurement, as if cached before: TABLE."""
     monkeypatch.setenv("GRAPHPRUNE_CACHE_DIR", str(tmp_path))
-    (tmp_path / "widths.json").write_text(json.dumps({widths._machine_key(): TABLE}))
+    (tmp_path / "widths.json").write_text(json.dumps({machine_key(): TABLE}))
     widths._cached.cache_clear()
     yield
     widths._cached.cache_clear()

@@ -24,6 +24,7 @@ class Report:
     recovery: dict[str, Any] = field(default_factory=dict)
     streams: dict[str, Any] = field(default_factory=dict)  # streams="rotate": each sliced residual stream
     graph: dict[str, Any] = field(default_factory=dict)  # clean-up passes on the pruned graph (fold_bn)
+    latency: dict[str, Any] = field(default_factory=dict)  # target latency: predicted and measured, the table
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,6 +50,7 @@ class Report:
             f"groups  {g['total']} total, {g['prunable']} prunable, {g['pruned']} pruned",
         ]
         lines.extend(_stream_lines(self.streams))
+        lines.extend(_target_lines(self.latency))
         folded = self.graph.get("batchnorms_folded", 0)
         if folded:
             lines.append(f"graph   {folded} BatchNormalization node(s) folded into the layers before them")
@@ -80,6 +82,16 @@ class Report:
                          f"({', '.join(ops)})")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _target_lines(t: dict[str, Any]) -> list[str]:
+    if not t:
+        return []
+    table = t["table"]
+    return [f"latency target {t['target_ms']:.3g} ms (1 thread): predicted {t['predicted_ms']:.3g} ms, measured "
+            f"{t['measured_ms']:.3g} ms of {t['dense_ms']:.3g} ms dense ({t['measured_over_target']:.2f} of the "
+            f"target, {len(t['selections'])} selection(s)); table: {table['layers_timed']} of {table['layers']} layers "
+            f"timed ({table['timings']} new timings, {table['cached']} cached, {table['seconds']:.1f} s)"]
 
 
 def _stream_lines(streams: dict[str, Any]) -> list[str]:

@@ -28,7 +28,7 @@ def kept_width(width: int, cfg: PruneConfig) -> int:
     rounded up to a multiple of round_to (with "auto", of what MatMuls prefer: the stream's writers and
     readers are all MatMuls), never more removed than asked, at least min_channels."""
     removed = min(math.floor(cfg.sparsity * width), math.floor(cfg.max_group_sparsity * width))
-    multiple = measured_multiples()["matmul"]["multiple"] if cfg.round_to == "auto" else cfg.round_to
+    multiple = measured_multiples()["matmul"]["multiple"] if cfg.multiple == "auto" else cfg.multiple
     keep = min(width, math.ceil((width - removed) / multiple) * multiple)
     return max(keep, min(cfg.min_channels, width))
 
