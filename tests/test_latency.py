@@ -105,7 +105,7 @@ def test_a_real_ppocr_classifier_toward_half_its_latency(tmp_path: Path, capsys:
     rep = json.loads((tmp_path / "r.json").read_text())
     t = rep["latency"]
     assert t["table"]["layers"] == t["table"]["layers_timed"] == 54
-    assert t["target_ms"] == pytest.approx(0.5 * t["dense_ms"], rel=1e-3)
+    assert t["target_ms"] == pytest.approx(0.5 * t["dense_ms"], abs=1e-3)  # both rounded to 1 us
     # MACs fall much more than latency: about 40% of this net's time is spent outside its convs
     assert rep["flops"]["after"] / rep["flops"]["before"] < 0.5
     assert rep["validation"]["checker"] == "passed"

@@ -151,3 +151,18 @@ def test_latency_advice_names_odd_widths_only_when_the_speed_up_is_measured_and_
     assert latency_advice({**poor, "noisy": True}, flops, 1, [37]) is None  # not a measurement to act on
     assert latency_advice({**poor, "after": 5.5}, flops, 1, [37]) is None  # 0.91 of the ideal
     assert latency_advice({"before": None, "after": None, "runs": 0}, flops, 1, [37]) is None
+
+
+def test_rounded_local_ratios_step_one_group_at_a_time_toward_the_target() -> None:
+    # at round-to 8 this net's 16-channel groups can only halve: no local ratio cuts between
+    # 30% and 55% of the MACs; stepping one group at a time stops at the first plan that reaches -30%
+    res = graphprune.prune(MODEL, sparsity=0.3, target="flops", round_to=8, latency_runs=0)
+    reduction = 1 - res.report.flops["after"] / res.report.flops["before"]
+    assert 0.3 <= reduction < 0.55
+    an = graphprune.analyze(MODEL)
+    uniform = graphprune.select.Selector(an.graph, an.grouping, {g.id: np.ones(g.size) for g in an.grouping.prunable},
+                                         an.cost, graphprune.PruneConfig(round_to=8))
+    local = [1 - an.cost.macs(uniform.local(r).removed_root) / an.cost.macs(None) for r in np.linspace(0, 1, 101)]
+    assert not [x for x in local if 0.3 <= x < 0.55]
+    for g in res.report.groups["pruned_list"]:
+        assert (g["units"] - g["removed"]) % 8 == 0

