@@ -290,7 +290,7 @@ def latency_advice(latency: dict[str, Any], flops: dict[str, int], round_to: int
                    widths: list[int]) -> str | None:
     """A warning when latency fell much less than MACs and the kept widths are not multiples of 8: odd
     widths fall off onnxruntime's NCHWc convolution layout (benchmarks/README.md, profile_latency.py:
-    --round-to 8 took five convnets from 0.63 to 0.78 of the ideal). Only on a measured, not noisy, ratio."""
+    --round-to 8 took nine convnets from 0.63 to 0.85 of the ideal). Only on a measured, not noisy, ratio."""
     before, after = latency.get("before"), latency.get("after")
     if round_to == "auto" or int(round_to) % FAST_MULTIPLE == 0 or not (before and after and flops.get("before")) \
             or latency.get("noisy"):

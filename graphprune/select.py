@@ -1,9 +1,9 @@
 """Which units to remove: local (same ratio in every group) or global ranking, toward a target of
 channels, parameters, MACs or latency, under per-group caps, a minimum width and round-to-multiple.
 
-Toward latency the global ranking orders units by importance per millisecond their removal saves
-(each group's saving per unit from the measured table, graphprune/latency.py): a unit of an expensive
-layer goes before an equally unimportant one of a cheap layer."""
+Toward latency the measured table (graphprune/latency.py) says how much a plan saves; units are ranked
+by importance alone, as toward MACs: ranking by importance per millisecond saved cut the expensive
+layers first and lost 10-20 points of accuracy at equal latency (benchmarks/accuracy/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,6 @@ class Selector:
         self.cands = [g for g in grouping.prunable if _max_removable(g, cfg) > 0]
         self.total_units = sum(g.size for g in grouping.prunable)
         self.latency: LatencyTable | None = None  # set before selecting toward a latency target
-        self._ms_per_unit: dict[int, float] | None = None
 
     def _plan(self, removed: dict[int, NDArray[np.int64]]) -> PrunePlan:
         removed_root = np.zeros(self.grouping.roots.size, dtype=bool)
@@ -103,9 +102,8 @@ class Selector:
         return self._plan(removed)
 
     def global_(self, count: int) -> PrunePlan:
-        per_ms = self.ms_per_unit() if self.cfg.target == "latency" else {}
         entries = sorted(
-            (float(self.scores[g.id][u]) / per_ms.get(g.id, 1.0), g.id, u)
+            (float(self.scores[g.id][u]), g.id, u)
             for g in self.cands for u in range(g.size) if not g.blocked[u]
         )
         caps = {g.id: _max_removable(g, self.cfg) for g in self.cands}
@@ -124,21 +122,6 @@ class Selector:
             if k > 0:
                 removed[gid] = np.array(sorted(units[:k]), dtype=np.int64)
         return self._plan(removed)
-
-    def ms_per_unit(self) -> dict[int, float]:
-        """Per group, the predicted milliseconds one unit saves, averaged over removing half of what it
-        may lose: kernels pad channels to their blocking (16 here), so a few units may save nothing."""
-        if self._ms_per_unit is None:
-            table = self._table()
-            dense = table.predict()
-            self._ms_per_unit = {}
-            for g in self.cands:
-                k = max(1, _max_removable(g, self.cfg) // 2)
-                units = _lowest(self.scores[g.id], g.blocked, k)
-                removed = np.zeros(self.grouping.roots.size, dtype=bool)
-                removed[g.roots[units]] = True
-                self._ms_per_unit[g.id] = max((dense - table.predict(removed)) / max(1, units.size), 1e-6)
-        return self._ms_per_unit
 
     def _table(self) -> LatencyTable:
         if self.latency is None:
@@ -204,18 +187,26 @@ class Selector:
         """Rounded widths make local ratios a staircase (groups of 2^k channels kept at multiples of 16
         all step at once: -47% to -61% of the latency between two ratios). From the last plan short of the
         target, one group at a time takes its next rounded step, the group then least pruned first (the
-        local ranking's uniform ratio), until the target is reached."""
+        local ranking's uniform ratio); where that step reaches the target, of all groups' next steps the
+        one overshooting least is taken."""
         counts = {g.id: short.count(g.id) for g in self.cands}
         by_id = {g.id: g for g in self.cands}
+        goal = self.cfg.sparsity - TOLERANCE
+
+        def plan(gid: int, k: int) -> PrunePlan:
+            return self._plan({i: _lowest(self.scores[i], by_id[i].blocked, n)
+                               for i, n in (counts | {gid: k}).items() if n})
+
         while True:
             steps = [(k / by_id[gid].size, gid, k) for gid, k in
                      ((gid, self._next_step(by_id[gid], c)) for gid, c in counts.items()) if k is not None]
             if not steps:
                 return None
-            _, gid, counts[gid] = min(steps)
-            plan = self._plan({i: _lowest(self.scores[i], by_id[i].blocked, k) for i, k in counts.items() if k})
-            if self.measure(plan) >= self.cfg.sparsity:
-                return plan
+            _, gid, k = min(steps)
+            if self.measure(plan(gid, k)) >= goal:
+                reaching = [(m, p) for p in (plan(g, n) for _, g, n in steps) if (m := self.measure(p)) >= goal]
+                return min(reaching, key=lambda mp: mp[0])[1]
+            counts[gid] = k
 
     def _next_step(self, group: Group, removed: int) -> int | None:
         """The next removal count past `removed` that keeps a multiple of the group's width multiple,

@@ -54,6 +54,7 @@ class Method:
     calibrated: bool = False  # pass the task's calibration .npz
     unlabelled: bool = False  # pass the task's UNLABELLED_INPUTS .npz (for OBS statistics and recovery)
     ranking_of: str = ""  # reuse the ranking the method with this key chose at the same ratio (no second run)
+    timed: bool = False  # measure the pruned model's one-thread latency against the dense one's
 
 
 METHODS = (
@@ -62,11 +63,14 @@ METHODS = (
     Method("obs", "OBS (data-free)", "graphprune", {"criterion": "l2", "compensate": "obs"}),
     Method("obs_calib", "OBS + calibration data", "graphprune", {"criterion": "l2", "compensate": "obs"},
            calibrated=True),
-    Method("obs_crit", "OBS importance + OBS (data-free)", "graphprune", {"criterion": "obs", "compensate": "obs"}),
+    Method("obs_crit", "OBS importance + OBS (data-free)", "graphprune", {"criterion": "obs", "compensate": "obs"},
+           timed=True),
     Method("obs_crit_calib", "OBS importance + OBS + calibration data", "graphprune",
            {"criterion": "obs", "compensate": "obs"}, calibrated=True),
     Method("obs_crit_auto", "OBS importance + OBS, --round-to auto (data-free)", "graphprune",
            {"criterion": "obs", "compensate": "obs", "round_to": "auto"}),
+    Method("obs_crit_latency", "OBS importance + OBS, --target latency (data-free; columns: −x% latency)",
+           "graphprune", {"criterion": "obs", "compensate": "obs", "target": "latency"}, timed=True),
     Method("obs_crit_norms", "OBS importance + OBS, approximate norms (data-free)", "graphprune",
            {"criterion": "obs", "compensate": "obs", "approximate_norms": True}),
     Method("obs_crit_norms_calib", "OBS importance + OBS, approximate norms + calibration data", "graphprune",
@@ -118,6 +122,7 @@ def attempt(task: Task, method: Method, ratio: float, global_ranking: bool) -> C
         import graphprune
 
         opts = {**task.prune_options, **method.options}
+        target = opts.pop("target", "flops")
         data = task.calibration if method.calibrated else task.unlabelled if method.unlabelled else None
         if (method.calibrated or method.unlabelled) and data is None:
             raise FileNotFoundError("no real inputs for this model")
@@ -126,7 +131,7 @@ def attempt(task: Task, method: Method, ratio: float, global_ranking: bool) -> C
         if "recover" in method.options:
             opts |= task.recover_options
         with measured() as sec:
-            res = graphprune.prune(str(task.onnx_path), sparsity=ratio, target="flops",
+            res = graphprune.prune(str(task.onnx_path), sparsity=ratio, target=target,
                                    global_ranking=global_ranking, latency_runs=0, validate=False, **opts)
         rep = res.report.to_dict()
         groups = [f"{g['producers'][0]} -{g['removed']}/{g['units']}" for g in rep["groups"]["pruned_list"]]
@@ -140,6 +145,8 @@ def attempt(task: Task, method: Method, ratio: float, global_ranking: bool) -> C
                                                              "held_out")},
                                   "prune_seconds": round(sec.seconds, 1), "rss_start_mib": round(sec.rss_start_mib),
                                   "rss_peak_mib": round(sec.rss_peak_mib)}
+        if method.timed:
+            detail["latency_kept"] = latency_kept(task, res.model)
         return Cell(task.score(res.model), 1.0 - rep["flops"]["after"] / rep["flops"]["before"], detail=detail)
     if task.torch_net is None:
         raise NotImplementedError(task.note or "no torch net")
@@ -151,6 +158,19 @@ def attempt(task: Task, method: Method, ratio: float, global_ranking: bool) -> C
     proto = export_onnx(pruned.model, net.example)
     return Cell(task.score(proto), 1.0 - gp_macs(proto, task) / dense,
                 detail={"tp_ratio": round(pruned.ratio, 4), f"reduction_{yardstick}_counter": pruned.reduction})
+
+
+def latency_kept(task: Task, pruned: Any) -> float:
+    """The pruned model's one-thread latency over the dense one's, interleaved (graphprune's own timer,
+    the one --target latency corrects its selection with), on one batch of the inputs it prunes for."""
+    import graphprune
+    from graphprune.latency import interleaved_ms
+    from graphprune.synthetic import batches
+
+    an = graphprune.analyze(str(task.onnx_path), **task.prune_options)
+    dense_ms, pruned_ms = interleaved_ms([an.model, pruned], next(iter(batches(an.specs, 1, None, "blobs", 0))),
+                                         arrays=an.graph.known_const)
+    return round(pruned_ms / dense_ms, 4)
 
 
 def run_cell(task: Task, method: Method, ratio: float, rankings: dict[str, bool] | None = None) -> Cell:
@@ -255,6 +275,34 @@ def recovery_cost(cells: dict[str, Any]) -> list[str]:
             "|---|---|---|---|---|---|---|", *rows]
 
 
+def equal_latency(cells: dict[str, Any], ratios: tuple[float, ...]) -> list[str]:
+    """The --target latency row against --target flops at the same measured latency: the flops row's
+    score interpolated between its cells (and the dense model at 100%) at the latency row's latency."""
+    lat, flops, dense = cells.get("obs_crit_latency", {}), cells.get("obs_crit", {}), cells.get("dense", {})
+    points = sorted([(1.0, _headline(next(iter(dense.values()))))] if dense else [])
+    points += sorted((c["detail"]["latency_kept"], _headline(c)) for c in flops.values()
+                     if not c.get("error") and "latency_kept" in c.get("detail", {}))
+    points.sort()
+    got = [(r, lat[r]) for r in ratios if r in lat and not lat[r].get("error") and "latency_kept" in lat[r]["detail"]]
+    if len(points) < 2 or not got:
+        return []
+    xs, ys = zip(*points, strict=True)
+    row_l, row_f = [], []
+    for _, cell in got:
+        kept = cell["detail"]["latency_kept"]
+        row_l.append(f"{_headline(cell):.3f} at {kept:.0%}")
+        row_f.append(f"{np.interp(kept, xs, ys):.3f}" if xs[0] <= kept else f"— (its cells reach {xs[0]:.0%})")
+    return ["", "At equal latency (one onnxruntime thread, interleaved with the dense model): the headline score "
+                "at the latency each pruned model kept.", "",
+            "| target | " + " | ".join(f"−{r:.0%} latency" for r, _ in got) + " |", "|---|" + "---|" * len(got),
+            "| --target latency (OBS importance + OBS) | " + " | ".join(row_l) + " |",
+            "| --target flops (same), interpolated at that latency | " + " | ".join(row_f) + " |"]
+
+
+def _headline(cell: dict[str, Any]) -> float:
+    return float(next(iter(cell["scores"].values())))
+
+
 def markdown(results: dict[str, Any], ratios: tuple[float, ...], seconds: float, updated: str = "") -> str:
     versions = ", ".join(f"{d} {metadata.version(d)}" for d in
                          ("graphprune", "torch", "torch-pruning", "onnxruntime", "transformers"))
@@ -284,6 +332,7 @@ def markdown(results: dict[str, Any], ratios: tuple[float, ...], seconds: float,
         if entry.get("note"):
             out.append(f"Note: {entry['note']}.")
         out += recovery_cost(entry["cells"])
+        out += equal_latency(entry["cells"], ratios)
         mag = entry["cells"].get("magnitude", {}).get(shown)
         if mag and not mag.get("error"):
             out.append(f"Pruned groups, magnitude at −{shown:.0%} ({mag['ranking']}): "

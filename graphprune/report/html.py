@@ -23,7 +23,8 @@ code{font-size:12px}
 
 def render(report: dict[str, Any], title: str = "graphprune report") -> str:
     sections = [_summary(report), _warnings(report.get("warnings", [])), _validation(report.get("validation", {})),
-                _streams(report.get("streams", {})), _layers(report.get("groups", {})),
+                _latency_target(report.get("latency") or {}), _streams(report.get("streams", {})),
+                _layers(report.get("groups", {})),
                 _compensation(report.get("compensation", {})),
                 _recovery(report.get("recovery", {})), _blocked(report.get("groups", {})),
                 _config(report.get("config", {}), report.get("timings_s", {}))]
@@ -94,6 +95,25 @@ def _latency(lat: dict[str, Any]) -> str:
     ratio = f" ({lat['before'] / lat['after']:.2f}x)" if runs != 1 else " (one run: no ratio)"
     noisy = ' <b class="bad">noisy: the spreads overlap, the ratio is not significant</b>' if lat.get("noisy") else ""
     return f"<p>latency {lat['before']:.3g} ms → {lat['after']:.3g} ms{ratio}{escape(extra)}{noisy}</p>"
+
+
+def _latency_target(t: dict[str, Any]) -> str:
+    """--target latency: what was asked, predicted from the layer table and measured, per selection tried."""
+    if not t:
+        return ""
+    tries = t.get("selections", [])
+    chart = svg.grouped_bars("latency target: each selection tried (ms, one thread)",
+                             [f"try {i + 1}" for i in range(len(tries))],
+                             [svg.Series("target", [float(t["target_ms"])] * len(tries)),
+                              svg.Series("predicted", [float(x["predicted_ms"]) for x in tries]),
+                              svg.Series("measured", [float(x["measured_ms"]) for x in tries])])
+    table = t.get("table", {})
+    facts = (f"<p>Target {t['target_ms']:.4g} ms of the original's {t['dense_ms']:.4g} ms; kept selection "
+             f"predicted {t['predicted_ms']:.4g} ms, measured {t['measured_ms']:.4g} ms "
+             f"({t['measured_over_target']:.3f} of the target). Layer table: {table.get('layers', 0)} layers, "
+             f"{table.get('layers_timed', 0)} timed here ({table.get('timings', 0)} new timings, "
+             f"{table.get('cached', 0)} from the cache, {table.get('seconds', 0):.3g} s).</p>")
+    return f"<h2>Latency target</h2>{facts}{chart}"
 
 
 def _warnings(warnings: list[str]) -> str:
