@@ -122,24 +122,13 @@ def macs_by_kind(path: Path, input_shapes: dict[str, list[int]]) -> dict[str, in
 PROFILED_RUNS = 5
 
 
-def _session(path: Path, profile: str | None = None) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if profile is not None:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="gp-profile-")) / profile)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def profiled(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, Any]:
     """Interleaved end-to-end times (sessions without the profiler: its per-node cost would inflate a
     small model's time, PP-OCR cls 0.8 -> 2.5 ms), then the profiler's kernel time per kind of node over
     PROFILED_RUNS runs of separate profiling sessions, per model."""
-    sessions = {label: _session(path) for label, path in paths.items()}
+    from graphprune.machine import one_thread_session
+
+    sessions = {label: one_thread_session(path) for label, path in paths.items()}
     times: dict[str, list[float]] = {label: [] for label in paths}
     order = list(sessions.items())
     for i in range(runs + 3):
@@ -151,7 +140,7 @@ def profiled(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) ->
     del sessions, order
     out = {}
     for label, path in paths.items():
-        sess = _session(path, profile=label)
+        sess = one_thread_session(path, tempfile.mkdtemp(prefix="gp-profile-"))
         for _ in range(PROFILED_RUNS):
             sess.run(None, feeds)
         kinds: dict[str, float] = defaultdict(float)

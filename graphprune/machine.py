@@ -68,9 +68,10 @@ def write_cache(name: str, entries: dict[str, Any]) -> None:
         pass
 
 
-def one_thread_session(model: ModelProto, profile_dir: str | None = None) -> ort.InferenceSession:
+def one_thread_session(model: ModelProto | Path, profile_dir: str | None = None) -> ort.InferenceSession:
     """A session as the latency tables are measured: one intra-op thread, all graph optimizations
-    (the NCHWc layout and fusions the deployed model gets), profiling into `profile_dir` if given."""
+    (the NCHWc layout and fusions the deployed model gets), profiling into `profile_dir` if given;
+    `model` in memory or a file."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -80,4 +81,5 @@ def one_thread_session(model: ModelProto, profile_dir: str | None = None) -> ort
     if profile_dir is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(profile_dir) / "op")
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
