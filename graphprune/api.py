@@ -39,7 +39,7 @@ from graphprune.surgery import apply_plan, masked_reference
 from graphprune.synthetic import batches, dynamic_batch
 from graphprune.validate import Equivalence, Feeds, relative_error, tensor_dtypes, validate
 from graphprune.weights import discard
-from graphprune.widths import group_multiples, measured_multiples
+from graphprune.widths import measured_multiples
 
 Source = str | os.PathLike[str] | bytes | ModelProto
 Progress = Callable[[str, float], None]
@@ -206,7 +206,7 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
         lap("validate", 1.0)
     if pruned is not plain:
         discard(plain.graph.initializer)  # its scratch weights (a mapped model's) are not needed now
-    report = _report(an, work, pruned, cfg, plan, validation, timings)
+    report = _report(an, work, pruned, cfg, plan, selector.multiples, validation, timings)
     report.streams = streams
     report.latency = latency
     advice = latency_advice(validation.get("latency_ms") or {}, report.flops, cfg.multiple,
@@ -413,14 +413,14 @@ def _mean_error(model: ModelProto, feeds: list[dict[str, NDArray[Any]]],
 
 
 def _report(an: Analysis, work: Analysis, final: ModelProto, cfg: PruneConfig, plan: PrunePlan,
-            validation: dict[str, Any], timings: dict[str, float]) -> Report:
+            multiples: dict[int, int], validation: dict[str, Any], timings: dict[str, float]) -> Report:
     """`an`: the model as given (the "before" numbers); `work`: what the groups were pruned on (the
     same model, or its streams sliced); `final`: the model written, whose initializers are the params
-    and bytes "after" (folded BNs and compensation's added biases included)."""
+    and bytes "after" (folded BNs and compensation's added biases included); `multiples`: each group's
+    width multiple, as selected."""
     params_after, bytes_after = stored(final)
     groups = work.grouping.groups
     auto = cfg.multiple == "auto"
-    multiples = group_multiples(work.graph, work.grouping, cfg.multiple) if auto else {}
     pruned_groups = [
         {"id": g.id, "producers": g.producers, "units": g.size, "removed": plan.count(g.id),
          **({"multiple": multiples[g.id]} if auto else {}),
