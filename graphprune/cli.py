@@ -152,6 +152,10 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
                     help="keep BatchNormalization nodes instead of folding them into the Conv/ConvTranspose/Gemm "
                          "before them (the same outputs, fewer nodes and bytes)")
+    pr.add_argument("--fuse-activations", action="store_true",
+                    help="rewrite decomposed HardSwish (x * clip(x + 3, 0, 6) / 6, as paddle2onnx writes it) as "
+                         "one op: 4 elementwise passes become 1-2 (PP-OCR cls 1.38x, PicoDet 1.49x faster); "
+                         "outputs differ by float rounding, which the validation reports")
     pr.add_argument("--compensate", choices=COMPENSATIONS, default="obs",
                     help="correct the consumers of removed channels (data-free OBS, default) or not")
     pr.add_argument("--streams", choices=STREAMS, default="keep",
@@ -199,7 +203,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "global_ranking": args.global_ranking, "round_to": args.round_to,
         "max_group_sparsity": args.max_group_sparsity, "min_channels": args.min_channels,
         "exclude": list(args.exclude), "seed": args.seed, "validate": args.validate,
-        "latency_runs": args.latency_runs, "fold_bn": args.fold_bn, "input_shapes": dict(args.input_shape),
+        "latency_runs": args.latency_runs, "fold_bn": args.fold_bn,
+        "fuse_activations": args.fuse_activations, "input_shapes": dict(args.input_shape),
         "compensate": args.compensate, "streams": args.streams, "approximate_norms": args.approximate_norms,
         "samples": args.samples,
         "hessian_source": args.hessian_source, "damping": args.damping, "kron_columns": args.kron_columns,

@@ -84,6 +84,9 @@ class PruneConfig:
     # fold inference-mode BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before it
     # (graphprune/passes/fold.py): the same outputs, one node and its parameters less per BN
     fold_bn: bool = True
+    # rewrite decomposed HardSwish, x * clip(x + 3, 0, 6) / 6, as one op (graphprune/passes/activations.py):
+    # the same function in another order (float rounding differs), so opt-in
+    fuse_activations: bool = False
 
     @property
     def steps_to_recover(self) -> int:
@@ -161,6 +164,8 @@ class PruneConfig:
             raise UsageError(f"recover_temperature must be > 0, got {self.recover_temperature}")
         if not isinstance(self.fold_bn, bool):  # a config file's "false" string would otherwise fold
             raise UsageError(f"fold_bn must be true or false, got {self.fold_bn!r}")
+        if not isinstance(self.fuse_activations, bool):
+            raise UsageError(f"fuse_activations must be true or false, got {self.fuse_activations!r}")
         if self.latency_runs < 0:
             raise UsageError(f"latency_runs must be >= 0, got {self.latency_runs}")
         if not 0 <= self.seed < 2**63:  # numpy's generators take non-negative seeds only

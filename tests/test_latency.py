@@ -60,6 +60,12 @@ def test_global_ranking_toward_latency_ranks_by_importance_and_stops_at_the_meas
     assert by_time.report.groups["achieved"] == pytest.approx(1 - t["measured_ms"] / t["dense_ms"], abs=0.01)
     assert len(t["selections"]) in range(1, latency_corrections() + 2)
     assert by_time.report.validation["equivalence"]["passed"]
+    # the HTML report's section: the target and each selection tried, predicted against measured
+    page = by_time.report.to_html("two resolutions")
+    assert "<h2>Latency target</h2>" in page and f"Target {t['target_ms']:.4g} ms" in page
+    for i, sel in enumerate(t["selections"]):
+        assert f">try {i + 1}<" in page and f"measured: {sel['measured_ms']:,.6g}" in page
+    assert f">try {len(t['selections']) + 1}<" not in page
 
 
 def latency_corrections() -> int:

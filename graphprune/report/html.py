@@ -77,9 +77,11 @@ def _summary(r: dict[str, Any]) -> str:
     inputs = ", ".join(f"{i['name']} {i['shape']}" + (f" ({i['source']})" if i.get("source") else "")
                        for i in model.get("inputs", []))
     folded = r.get("graph", {}).get("batchnorms_folded")
+    fused = r.get("graph", {}).get("hardswish_fused")
     facts = (f"<p>{model.get('nodes', '?')} nodes, opset {model.get('opset', '?')}; inputs: {escape(inputs)}. "
              f"Groups: {g.get('total', 0)} total, {g.get('prunable', 0)} prunable, {g.get('pruned', 0)} pruned."
              + (f" {folded} BatchNormalization node(s) folded into the layers before them." if folded else "")
+             + (f" {fused} decomposed HardSwish(es) fused into one op each." if fused else "")
              + "</p>")
     return f"<h2>Size and cost</h2>{facts}<div class=\"row\"><div>{table}</div>{chart}</div>"
 
@@ -229,7 +231,7 @@ def _blocked(g: dict[str, Any]) -> str:
 
 def _config(cfg: dict[str, Any], timings: dict[str, float]) -> str:
     keys = ("sparsity", "target", "criterion", "compensate", "global_ranking", "round_to", "samples", "recover",
-            "streams", "approximate_norms", "fold_bn", "seed")
+            "streams", "approximate_norms", "fold_bn", "fuse_activations", "seed")
     shown = [(k, cfg[k]) for k in keys if k in cfg]
     return ("<h2>Options and timings</h2><div class=\"row\">" + _table(["option", "value"], shown)
             + _table(["stage", "seconds"], list(timings.items()), numeric=(1,)) + "</div>")

@@ -54,6 +54,9 @@ class Report:
         folded = self.graph.get("batchnorms_folded", 0)
         if folded:
             lines.append(f"graph   {folded} BatchNormalization node(s) folded into the layers before them")
+        fused = self.graph.get("hardswish_fused", 0)
+        if fused:
+            lines.append(f"graph   {fused} decomposed HardSwish(es) fused into one op each (fuse_activations)")
         v = self.validation
         if v:
             lines.extend(_latency_lines(v.get("latency_ms") or {}))
