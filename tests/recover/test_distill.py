@@ -123,8 +123,10 @@ def test_a_diverging_run_keeps_the_one_shot_weights() -> None:
 
 
 def test_time_budget_stops_training() -> None:
+    # a third of the default step size: at full size the held-out loss of this tiny ViT now and then blew
+    # up within the 3 s on a loaded CI machine, and the run stopped as "diverged" before its budget
     rec = graphprune.prune(str(_digits("vit").onnx_path), **FAST, recover="distill", recover_steps=100000,
-                           recover_time=3.0).report.recovery
+                           recover_time=3.0, recover_lr=1e-3).report.recovery
     assert rec["stopped"] == "time" and 0 < rec["steps"] < 100000
     assert rec["seconds"] < 3.0 + 15.0  # the budget plus the held-out measurement around it
 
