@@ -7,6 +7,7 @@ about what a model holds.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -109,6 +110,21 @@ def node_reads(node: NodeProto) -> set[str]:
     for sub in subgraphs(node):
         reads |= outer_refs(sub)
     return reads
+
+
+def read_counts(graph: GraphProto) -> Counter[str]:
+    """Readers per name: the nodes reading it (with the outer names their subgraphs read) and the graph
+    outputs, so a rewrite can tell a value only one node sees."""
+    reads = Counter(name for node in graph.node for name in node_reads(node))
+    reads.update(o.name for o in graph.output)
+    return reads
+
+
+def fixed_initializers(graph: GraphProto) -> dict[str, TensorProto]:
+    """The initializers that are constants: one that is also a graph input is a default the caller may
+    override."""
+    inputs = {vi.name for vi in graph.input}
+    return {t.name: t for t in graph.initializer if t.name not in inputs}
 
 
 def all_names(graph: GraphProto) -> set[str]:

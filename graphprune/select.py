@@ -171,7 +171,7 @@ class Selector:
                 f"(max_group_sparsity={self.cfg.max_group_sparsity}, min_channels={self.cfg.min_channels}, "
                 f"round_to={self.cfg.multiple}); asked for {self.cfg.sparsity:.1%}: lower --sparsity, raise "
                 "--max-group-sparsity or round to a smaller multiple")
-        short = make(lo)
+        short = self._plan({})
         for _ in range(24):
             mid = (lo + hi) / 2
             plan = make(mid)
@@ -211,9 +211,10 @@ class Selector:
     def _next_step(self, group: Group, removed: int) -> int | None:
         """The next removal count past `removed` that keeps a multiple of the group's width multiple,
         or None where the group may lose no more."""
-        multiple, kept = self.multiples[group.id], group.size - removed
-        k = group.size - (kept - multiple if kept % multiple == 0 else kept - kept % multiple)
-        return k if k < group.size and k <= _max_removable(group, self.cfg) else None
+        multiple = self.multiples[group.id]
+        kept = (group.size - removed - 1) // multiple * multiple  # the next multiple below the width now
+        k = group.size - kept
+        return k if kept > 0 and k <= _max_removable(group, self.cfg) else None
 
 
 def control_flow(graph: DependencyGraph) -> str | None:

@@ -278,11 +278,11 @@ def recovery_cost(cells: dict[str, Any]) -> list[str]:
 def equal_latency(cells: dict[str, Any], ratios: tuple[float, ...]) -> list[str]:
     """The --target latency row against --target flops at the same measured latency: the flops row's
     score interpolated between its cells (and the dense model at 100%) at the latency row's latency."""
-    lat, flops, dense = cells.get("obs_crit_latency", {}), cells.get("obs_crit", {}), cells.get("dense", {})
-    points = sorted([(1.0, _headline(next(iter(dense.values()))))] if dense else [])
-    points += sorted((c["detail"]["latency_kept"], _headline(c)) for c in flops.values()
-                     if not c.get("error") and "latency_kept" in c.get("detail", {}))
-    points.sort()
+    flops, dense = cells.get("obs_crit", {}), cells.get("dense", {})
+    lat = {float(r): c for r, c in cells.get("obs_crit_latency", {}).items()}  # RESULTS.json's keys are text
+    points = sorted([(1.0, _headline(next(iter(dense.values()))))] * bool(dense)
+                    + [(c["detail"]["latency_kept"], _headline(c)) for c in flops.values()
+                       if not c.get("error") and "latency_kept" in c.get("detail", {})])
     got = [(r, lat[r]) for r in ratios if r in lat and not lat[r].get("error") and "latency_kept" in lat[r]["detail"]]
     if len(points) < 2 or not got:
         return []

@@ -10,13 +10,20 @@ Only the exact pattern is taken: each intermediate read by the next node alone, 
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 
 from graphprune.onnxutil import attr
-from graphprune.protowalk import DEFAULT_DOMAINS, all_names, delete_at, fresh_name, is_constant, node_reads
+from graphprune.protowalk import (
+    DEFAULT_DOMAINS,
+    all_names,
+    delete_at,
+    fixed_initializers,
+    fresh_name,
+    is_constant,
+    node_reads,
+    read_counts,
+)
 from graphprune.tensors import constant_tensor, to_array
 
 __all__ = ["fuse_hardswish"]
@@ -41,12 +48,9 @@ def fuse_hardswish(model: ModelProto) -> int:
 class _Fuser:
     def __init__(self, graph: GraphProto, opset: int) -> None:
         self.graph, self.opset = graph, opset
-        self.consts: dict[str, TensorProto] = {t.name: t for t in graph.initializer}
-        for vi in graph.input:  # an initializer that is also an input is a default the caller may override
-            self.consts.pop(vi.name, None)
+        self.consts = fixed_initializers(graph)
         self.consts.update({n.output[0]: constant_tensor(n) for n in graph.node if is_constant(n)})
-        self.reads: Counter[str] = Counter(name for node in graph.node for name in node_reads(node))
-        self.reads.update(o.name for o in graph.output)
+        self.reads = read_counts(graph)
         self.producers = {name: node for node in graph.node for name in node.output}
         self.taken = all_names(graph)
         self.dropped: set[int] = set()  # id() of the nodes fused away
@@ -102,9 +106,8 @@ class _Fuser:
         for node in new:
             self.reads.update(node.input)
         position = next(i for i, n in enumerate(self.graph.node) if n is div)
-        self.graph.node.insert(position + 1, new[0])
-        if len(new) > 1:
-            self.graph.node.insert(position + 2, new[1])
+        for offset, node in enumerate(new, start=1):
+            self.graph.node.insert(position + offset, node)
         self.dropped.update(id(n) for n in (*dead, div))
         self.gone.update(name for node in dead for name in node.output)
         self.freed.update(name for node in (*dead, div) for name in node.input)

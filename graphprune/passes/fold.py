@@ -11,7 +11,6 @@ BN's parameters are constants and only its first output is used; anything else i
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,15 @@ from numpy.typing import NDArray
 from onnx import GraphProto, ModelProto, NodeProto, numpy_helper
 
 from graphprune.onnxutil import attr, set_attr
-from graphprune.protowalk import DEFAULT_DOMAINS, all_names, delete_at, fresh_name, node_reads
+from graphprune.protowalk import (
+    DEFAULT_DOMAINS,
+    all_names,
+    delete_at,
+    fixed_initializers,
+    fresh_name,
+    node_reads,
+    read_counts,
+)
 from graphprune.tensors import to_array
 from graphprune.weights import Spill, is_mapped
 
@@ -84,13 +91,8 @@ class _Folder:
 
     def __init__(self, graph: GraphProto) -> None:
         self.graph = graph
-        # an initializer that is also a graph input is a default the caller may override: not a constant
-        self.consts = {t.name: t for t in graph.initializer}
-        for vi in graph.input:
-            self.consts.pop(vi.name, None)
-        # readers per name: nodes (with the outer names their subgraphs read) and graph outputs
-        self.reads: Counter[str] = Counter(name for node in graph.node for name in node_reads(node))
-        self.reads.update(o.name for o in graph.output)
+        self.consts = fixed_initializers(graph)
+        self.reads = read_counts(graph)
         self.producers = {name: node for node in graph.node for name in node.output}
         self.ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in [*graph.input, *graph.value_info,
                       *graph.output] if vi.type.tensor_type.HasField("shape")}
