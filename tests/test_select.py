@@ -166,3 +166,21 @@ def test_rounded_local_ratios_step_one_group_at_a_time_toward_the_target() -> No
     assert not [x for x in local if 0.3 <= x < 0.55]
     for g in res.report.groups["pruned_list"]:
         assert (g["units"] - g["removed"]) % 8 == 0
+
+
+def test_global_ranking_counts_only_the_units_whole_rounded_steps_remove() -> None:
+    # ranked unit by unit, block_a's seven zero-score units came first and counted toward the 8 asked,
+    # then rounding to 8 kept them (and fc1's one unit): the plan removed nothing. A step ranks by its
+    # top unit, so block_a's first step (seven zeros and a 2) comes after fc1's (eight 1s)
+    an = graphprune.analyze(MODEL)
+    groups = {tuple(g.producers): g for g in an.grouping.prunable}
+    scores = {g.id: np.full(g.size, 2.0) for g in an.grouping.prunable}
+    block_a, fc1 = groups[("block_a",)], groups[("fc1",)]
+    scores[block_a.id][:7] = 0.0
+    scores[fc1.id][:8] = 1.0
+    selector = graphprune.select.Selector(an.graph, an.grouping, scores, an.cost,
+                                          graphprune.PruneConfig(round_to=8, global_ranking=True))
+    plan = selector.global_(8)
+    assert {gid: units.size for gid, units in plan.removed.items()} == {fc1.id: 8}
+    assert sorted(plan.removed[fc1.id].tolist()) == list(range(8))
+    assert {gid: units.size for gid, units in selector.global_(9).removed.items()}[fc1.id] == 8
