@@ -54,6 +54,7 @@ class Method:
     calibrated: bool = False  # pass the task's calibration .npz
     unlabelled: bool = False  # pass the task's UNLABELLED_INPUTS .npz (for OBS statistics and recovery)
     ranking_of: str = ""  # reuse the ranking the method with this key chose at the same ratio (no second run)
+    flops_of: str = ""  # prune to the FLOPs reduction the method with this key reached at the same ratio, its ranking
     timed: bool = False  # measure the pruned model's one-thread latency against the dense one's
 
 
@@ -67,10 +68,12 @@ METHODS = (
            timed=True),
     Method("obs_crit_calib", "OBS importance + OBS + calibration data", "graphprune",
            {"criterion": "obs", "compensate": "obs"}, calibrated=True),
-    Method("obs_crit_auto", "OBS importance + OBS, --round-to auto (data-free)", "graphprune",
-           {"criterion": "obs", "compensate": "obs", "round_to": "auto"}),
+    Method("obs_crit_round1", "OBS importance + OBS, --round-to 1 (data-free; the default rounds to auto)",
+           "graphprune", {"criterion": "obs", "compensate": "obs", "round_to": 1}, timed=True),
     Method("obs_crit_latency", "OBS importance + OBS, --target latency (data-free; columns: −x% latency)",
            "graphprune", {"criterion": "obs", "compensate": "obs", "target": "latency"}, timed=True),
+    Method("obs_crit_at_latency", "OBS importance + OBS, --target flops at the FLOPs the --target latency row removed",
+           "graphprune", {"criterion": "obs", "compensate": "obs"}, timed=True, flops_of="obs_crit_latency"),
     Method("obs_crit_norms", "OBS importance + OBS, approximate norms (data-free)", "graphprune",
            {"criterion": "obs", "compensate": "obs", "approximate_norms": True}),
     Method("obs_crit_norms_calib", "OBS importance + OBS, approximate norms + calibration data", "graphprune",
@@ -214,7 +217,10 @@ def table(task: Task, cells: dict[str, dict[float, Cell]], ratios: tuple[float, 
     return "\n".join(lines)
 
 
-def evaluate_task(task: Task, ratios: tuple[float, ...], methods: tuple[Method, ...]) -> dict[str, dict[float, Cell]]:
+def evaluate_task(task: Task, ratios: tuple[float, ...], methods: tuple[Method, ...],
+                  stored: dict[str, dict[float, Cell]] | None = None) -> dict[str, dict[float, Cell]]:
+    """Every method at every ratio; a method reusing another's ranking or FLOPs reads that method's cell
+    from this run, else from `stored` (RESULTS.json's, on --update)."""
     cells: dict[str, dict[float, Cell]] = {}
     t0 = time.perf_counter()
     dense = Cell(task.score(task.onnx_path))
@@ -228,9 +234,15 @@ def evaluate_task(task: Task, ratios: tuple[float, ...], methods: tuple[Method, 
             continue
         cells[method.key] = {}
         for ratio in ratios:
-            chosen = cells.get(method.ranking_of, {}).get(ratio)
+            source = method.flops_of or method.ranking_of
+            chosen = cells.get(source, {}).get(ratio) or (stored or {}).get(source, {}).get(ratio)
             rankings = {chosen.ranking: RANKINGS[chosen.ranking]} if chosen and chosen.ranking else None
-            cell = run_cell(task, method, ratio, rankings)
+            if not method.flops_of:
+                cell = run_cell(task, method, ratio, rankings)
+            elif chosen and not chosen.error and chosen.reduction is not None:
+                cell = run_cell(task, method, round(chosen.reduction, 4), rankings)
+            else:
+                cell = Cell(error="NotRun", detail={"message": f"no {method.flops_of} cell at −{ratio:.0%}"})
             cells[method.key][ratio] = cell
             print(f"[{task.name} −{ratio:.0%}] {method.label}: {fmt(cell, ratio)}  ({cell.seconds:.1f} s)",
                   flush=True)
@@ -276,27 +288,28 @@ def recovery_cost(cells: dict[str, Any]) -> list[str]:
 
 
 def equal_latency(cells: dict[str, Any], ratios: tuple[float, ...]) -> list[str]:
-    """The --target latency row against --target flops at the same measured latency: the flops row's
-    score interpolated between its cells (and the dense model at 100%) at the latency row's latency."""
-    flops, dense = cells.get("obs_crit", {}), cells.get("dense", {})
-    lat = {float(r): c for r, c in cells.get("obs_crit_latency", {}).items()}  # RESULTS.json's keys are text
-    points = sorted([(1.0, _headline(next(iter(dense.values()))))] * bool(dense)
-                    + [(c["detail"]["latency_kept"], _headline(c)) for c in flops.values()
-                       if not c.get("error") and "latency_kept" in c.get("detail", {})])
-    got = [(r, lat[r]) for r in ratios if r in lat and not lat[r].get("error") and "latency_kept" in lat[r]["detail"]]
-    if len(points) < 2 or not got:
+    """The --target latency row against --target flops pruned to the FLOPs that row removed, same ranking,
+    both timed: what a user asking for MACs would have had to ask for to get that latency. (Interpolating
+    the flops row's own cells across 20-point gaps in FLOPs flattered whichever side sat on the concave
+    part of the accuracy curve.)"""
+    rows = {key: {float(r): c for r, c in cells.get(key, {}).items()}  # RESULTS.json's keys are text
+            for key in ("obs_crit_latency", "obs_crit_at_latency")}
+
+    def shown(cell: dict[str, Any] | None) -> str:
+        if not cell or cell.get("error") or "latency_kept" not in cell.get("detail", {}):
+            return "—"
+        return f"{_headline(cell):.3f} at {cell['detail']['latency_kept']:.0%} (−{cell['reduction']:.0%} FLOPs)"
+
+    got = [r for r in ratios if shown(rows["obs_crit_latency"].get(r)) != "—"]
+    if not got:
         return []
-    xs, ys = zip(*points, strict=True)
-    row_l, row_f = [], []
-    for _, cell in got:
-        kept = cell["detail"]["latency_kept"]
-        row_l.append(f"{_headline(cell):.3f} at {kept:.0%}")
-        row_f.append(f"{np.interp(kept, xs, ys):.3f}" if xs[0] <= kept else f"— (its cells reach {xs[0]:.0%})")
-    return ["", "At equal latency (one onnxruntime thread, interleaved with the dense model): the headline score "
-                "at the latency each pruned model kept.", "",
-            "| target | " + " | ".join(f"−{r:.0%} latency" for r, _ in got) + " |", "|---|" + "---|" * len(got),
-            "| --target latency (OBS importance + OBS) | " + " | ".join(row_l) + " |",
-            "| --target flops (same), interpolated at that latency | " + " | ".join(row_f) + " |"]
+    return ["", "At equal latency (one onnxruntime thread, interleaved with the dense model): the headline score, "
+                "the latency kept and the FLOPs removed.", "",
+            "| target | " + " | ".join(f"−{r:.0%} latency" for r in got) + " |", "|---|" + "---|" * len(got),
+            "| --target latency (OBS importance + OBS) | "
+            + " | ".join(shown(rows["obs_crit_latency"][r]) for r in got) + " |",
+            "| --target flops at the FLOPs that row removed (same ranking) | "
+            + " | ".join(shown(rows["obs_crit_at_latency"].get(r)) for r in got) + " |"]
 
 
 def _headline(cell: dict[str, Any]) -> float:
@@ -344,10 +357,15 @@ def markdown(results: dict[str, Any], ratios: tuple[float, ...], seconds: float,
 RESULTS_JSON = HERE / "RESULTS.json"
 
 
+def stored(name: str) -> dict[str, dict[float, Cell]]:
+    """The cells of `name` in RESULTS.json."""
+    old = json.loads(RESULTS_JSON.read_text()).get(name, {}).get("cells", {})
+    return {k: {float(r): Cell(**c) for r, c in row.items()} for k, row in old.items()}
+
+
 def merged(name: str, fresh: dict[str, dict[float, Cell]]) -> dict[str, dict[float, Cell]]:
     """The last full run's cells of `name` (RESULTS.json) with the `fresh` ones in their place."""
-    old = json.loads(RESULTS_JSON.read_text()).get(name, {}).get("cells", {})
-    cells = {k: {float(r): Cell(**c) for r, c in row.items()} for k, row in old.items()}
+    cells = stored(name)
     for key, row in fresh.items():
         if key != "dense" or key not in cells:  # a new task's dense row is kept too
             cells.setdefault(key, {}).update(row)
@@ -385,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"[{name}] not run: {results[name]['error']}", flush=True)
             continue
-        cells = evaluate_task(task, ratios, methods)
+        cells = evaluate_task(task, ratios, methods, stored(task.name) if args.update else None)
         if args.update:
             cells = merged(task.name, cells)
         shown = RATIOS if args.update else ratios
