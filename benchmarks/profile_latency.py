@@ -3,7 +3,7 @@
     python benchmarks/profile_latency.py [--runs 15] [--sparsity 0.5] [--models ppocr_cls,resnet50]
 
 Each model is pruned to -`sparsity` of its MACs (graphprune's counter) with --round-to 1, 8 and auto,
-and to -`sparsity` of its latency (--target latency, its default widths: auto); with --fuse-activations
+and to -`sparsity` of its latency (--target latency; auto, the default widths); with --fuse-activations
 it is also written unpruned and pruned at round-to auto (decomposed HardSwish as one op). Then, in one
 process on one onnxruntime thread, each pruned model runs interleaved with the dense one, `runs` times
 after warm-up: end-to-end medians and IQR, the speed-up the pair's ratio of medians; and onnxruntime's

@@ -135,7 +135,7 @@ def _add_prune_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
                     help="keep a multiple of N units per group; auto: the multiple each group's layers run "
                          "fastest at on this machine, measured once (a few seconds) and cached "
-                         "(default: auto with --target latency, else 1)")
+                         "(default: auto toward flops, params or latency; 1 toward channels)")
     pr.add_argument("--max-group-sparsity", type=float, default=0.9, help="cap on the fraction removed per group")
     pr.add_argument("--min-channels", type=int, default=1, help="units every group keeps at least")
     pr.add_argument("--exclude", nargs="+", default=[], metavar="NAME",

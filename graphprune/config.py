@@ -45,7 +45,7 @@ class PruneConfig:
     normalizer: Normalizer = "mean"
     global_ranking: bool = False
     # keep each group's width a multiple of this, or "auto": of what its layers run fastest at, measured
-    # on this machine (graphprune/widths.py); None: auto toward a latency target, else 1 (see `multiple`)
+    # on this machine (graphprune/widths.py); None: auto toward a cost target, 1 toward channels (`multiple`)
     round_to: int | Literal["auto"] | None = None
     max_group_sparsity: float = 0.9
     min_channels: int = 1
@@ -97,13 +97,15 @@ class PruneConfig:
 
     @property
     def multiple(self) -> int | Literal["auto"]:
-        """The width rounding that applies. Toward latency it is "auto" unless asked otherwise: widths off
-        the kernels' blocking make a layer's time jump between neighbouring widths (PP-OCRv4 det at -50%
-        latency: one-thread time 7.5 vs 10.4 ms for plans predicted 0.9 ms apart), which no table of a few
-        widths predicts; at the measured multiples the prediction held within 3%."""
+        """The width rounding that applies. Toward MACs, parameters or latency it is "auto" unless asked
+        otherwise: at round-to 1 the nine convnets of benchmarks/profile_latency.py got 0.63 of the ideal
+        speed-up at -50% MACs (MobileNetV2 and EfficientNet-B0 slower than dense, the digits CNNs of the
+        accuracy benchmark 1.7-2.6x slower), at auto 0.90; and a latency table of a few widths cannot predict
+        the jumps between neighbouring odd widths. Toward channels S is each group's own share, which
+        rounding would change, so it stays 1."""
         if self.round_to is not None:
             return self.round_to
-        return "auto" if self.target == "latency" else 1
+        return 1 if self.target == "channels" else "auto"
 
     @property
     def scoring(self) -> str:

@@ -31,7 +31,7 @@ def _fields() -> str:
         _select("streams", "residual streams (RMSNorm / pre-LN decoders)", STREAMS, d.streams),
         f'<label>round widths to a multiple of<input name="round_to" data-option="round_to" '
         f'pattern="[1-9][0-9]*|auto" title="a whole number, or auto: what this server\'s kernels prefer" '
-        f'placeholder="1 (auto toward latency)" value="{d.round_to or ""}"></label>',
+        f'placeholder="auto (1 toward channels)" value="{d.round_to or ""}"></label>',
         '<label>input shapes (for dynamic inputs)<input name="input_shapes" data-option="input_shapes" data-json="1" '
         'placeholder="input=1,3,224,224"></label>',
         '<label class="check">rank units across groups<input name="global_ranking" data-option="global_ranking" '
