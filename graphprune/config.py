@@ -99,10 +99,10 @@ class PruneConfig:
     def multiple(self) -> int | Literal["auto"]:
         """The width rounding that applies. Toward MACs, parameters or latency it is "auto" unless asked
         otherwise: at round-to 1 the nine convnets of benchmarks/profile_latency.py got 0.63 of the ideal
-        speed-up at -50% MACs (MobileNetV2 and EfficientNet-B0 slower than dense, the digits CNNs of the
-        accuracy benchmark 1.7-2.6x slower), at auto 0.90; and a latency table of a few widths cannot predict
-        the jumps between neighbouring odd widths. Toward channels S is each group's own share, which
-        rounding would change, so it stays 1."""
+        speed-up at -50% MACs (MobileNetV2 and EfficientNet-B0 slower than dense; the accuracy benchmark's
+        digits CNNs 1.5-3.5x slower at -30/-50/-70%, benchmarks/accuracy/seeds.py), at auto 0.90; and a
+        latency table of a few widths cannot predict the jumps between neighbouring odd widths. Toward
+        channels S is each group's own share, which rounding would change, so it stays 1."""
         if self.round_to is not None:
             return self.round_to
         return 1 if self.target == "channels" else "auto"

@@ -7,6 +7,7 @@ layers first and lost 10-20 points of accuracy at equal latency (benchmarks/accu
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,7 +68,6 @@ class Selector:
         self.by_id = {g.id: g for g in self.cands}
         self.total_units = sum(g.size for g in grouping.prunable)
         self.latency: LatencyTable | None = None  # set before selecting toward a latency target
-        self._step_list: list[tuple[float, int, int]] | None = None
 
     def _plan(self, removed: dict[int, NDArray[np.int64]]) -> PrunePlan:
         removed_root = np.zeros(self.grouping.roots.size, dtype=bool)
@@ -112,26 +112,25 @@ class Selector:
         widths .876 against .930 (benchmarks/accuracy/seeds.py, median of 4 seeds)."""
         counts: dict[int, int] = {}
         taken = 0
-        for _, gid, k in self._steps():
+        for _, gid, k in self._steps:
             if taken >= count:
                 break
             taken += k - counts.get(gid, 0)
             counts[gid] = k
-        return self._plan({gid: _lowest(self.scores[gid], self.by_id[gid].blocked, k) for gid, k in counts.items()})
+        return self._counted(counts)
 
+    @functools.cached_property
     def _steps(self) -> list[tuple[float, int, int]]:
         """(top score among the step's units, group id, removal count after it), least important first;
         a group's steps come in their order, as its units are taken lowest first."""
-        if self._step_list is None:
-            steps = []
-            for g in self.cands:
-                order = [int(i) for i in np.argsort(self.scores[g.id], kind="stable") if not g.blocked[i]]
-                done = 0
-                while (k := self._next_step(g, done)) is not None:
-                    steps.append((float(self.scores[g.id][order[k - 1]]), g.id, k))
-                    done = k
-            self._step_list = sorted(steps)
-        return self._step_list
+        steps = []
+        for g in self.cands:
+            order = [int(i) for i in np.argsort(self.scores[g.id], kind="stable") if not g.blocked[i]]
+            done = 0
+            while (k := self._next_step(g, done)) is not None:
+                steps.append((float(self.scores[g.id][order[k - 1]]), g.id, k))
+                done = k
+        return sorted(steps)
 
     def _table(self) -> LatencyTable:
         if self.latency is None:
@@ -221,8 +220,12 @@ class Selector:
                 ((gid, self._next_step(self.by_id[gid], c)) for gid, c in counts.items()) if k is not None]
 
     def _with(self, counts: dict[int, int], gid: int, k: int) -> PrunePlan:
-        return self._plan({i: _lowest(self.scores[i], self.by_id[i].blocked, n)
-                           for i, n in (counts | {gid: k}).items() if n})
+        return self._counted(counts | {gid: k})
+
+    def _counted(self, counts: dict[int, int]) -> PrunePlan:
+        """The plan removing each group's `counts[gid]` least important units."""
+        return self._plan({gid: _lowest(self.scores[gid], self.by_id[gid].blocked, k)
+                           for gid, k in counts.items() if k})
 
     def _next_step(self, group: Group, removed: int) -> int | None:
         """The next removal count past `removed` that keeps a multiple of the group's width multiple,

@@ -19,15 +19,17 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.accuracy.run import RATIOS, Method, run_cell, task_factories
+from benchmarks.accuracy.run import METHODS, RATIOS, Method, run_cell, task_factories
 
 POLICIES: dict[str, Any] = {"round-to 1": 1, "auto": "auto"}
 DEFAULT_MODELS = ("digits-resnet", "digits-mobilenetv2", "pp-ocrv4-rec")
 
 
 def _method(round_to: Any, seed: int) -> Method:
+    """run.py's default one-shot method (obs_crit) at this width policy and seed."""
+    base = next(m for m in METHODS if m.key == "obs_crit")
     return Method(f"obs_crit_{round_to}_{seed}", "", "graphprune",
-                  {"criterion": "obs", "compensate": "obs", "round_to": round_to, "seed": seed}, timed=seed == 0)
+                  {**base.options, "round_to": round_to, "seed": seed}, timed=seed == 0)
 
 
 def _span(values: list[float]) -> str:
